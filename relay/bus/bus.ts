@@ -1,0 +1,114 @@
+// The one interface between the relay core and a message bus. JetStream and the embedded SQLite
+// bus both implement it and both pass test/conformance (the same behavioural suite).
+//
+// The semantics every backend provides, modelled on a JetStream durable pull consumer:
+// - publish() resolves only once the message is durable; a retried publish of the same
+//   (origin, id) within the duplicate window is stored once.
+// - consume() yields every message in the stream published after this instance's consumer was
+//   first created, from every origin (echo filtering is the relay's job, not the bus's).
+// - Each yielded message must be settled with ack(), nak(delay) or term(). An unsettled
+//   message is redelivered after ackWaitMs; working() restarts that clock. After maxDeliver
+//   deliveries the bus stops redelivering: the relay dead-letters on the last failed attempt.
+// - At most maxInFlight messages are unsettled at once (backpressure, not buffering).
+// - Consumer state (what was acked, delivery counts) survives a restart of the relay.
+
+import type { BusName } from "../protocol.js";
+
+export interface BusMessage {
+  /** The controller's publish id; unique per origin. */
+  id: string;
+  kind: string;
+  /** Instance id of the publishing relay. */
+  origin: string;
+  /** ISO-8601 time the origin relay accepted the publish. */
+  publishedAt: string;
+  /** Payload as JSON text. */
+  payloadJson: string;
+}
+
+export interface InboundMessage extends BusMessage {
+  /** 1 on first delivery, counting up on each redelivery. */
+  attempt: number;
+  /** A key for the stored message (stream sequence): the same across redeliveries. */
+  seq: number;
+  ack(): void;
+  /** Redeliver after delayMs (never sooner). */
+  nak(delayMs: number): void;
+  /** The handler is still busy: restart the ack-wait clock. */
+  working(): void;
+  /** Stop redelivering this message. */
+  term(): void;
+}
+
+export interface PublishResult {
+  /** True when the bus already held this (origin, id): the retry was stored once. */
+  duplicate: boolean;
+}
+
+export interface BusSettings {
+  instanceId: string;
+  /** JetStream stream name; for SQLite, the logical stream inside the file. */
+  stream: string;
+  ackWaitMs: number;
+  maxDeliver: number;
+  maxInFlight: number;
+  /** Retention: messages older than this are dropped. */
+  maxAgeMs: number;
+  /** Consumers idle this long are removed. */
+  inactiveThresholdMs: number;
+}
+
+export type BusState = "connected" | "disconnected" | "closed";
+
+export interface BusStatus {
+  state: BusState;
+  /** Short human reason when not connected. */
+  reason?: string;
+}
+
+export interface StreamInfo {
+  bus: BusName;
+  stream: string;
+  messages: number;
+  bytes: number;
+  firstSeq: number;
+  lastSeq: number;
+  consumer: {
+    name: string;
+    /** Messages not yet delivered to this consumer. */
+    pending: number;
+    /** Delivered but not yet acked. */
+    ackPending: number;
+    redelivered: number;
+  } | null;
+}
+
+/** Raised by start() with a message fit to print as the reason the relay cannot start. */
+export class BusStartError extends Error {
+  override name = "BusStartError";
+}
+
+/** Raised by publish() when the bus cannot take the message right now (outage, election). */
+export class BusUnavailableError extends Error {
+  override name = "BusUnavailableError";
+}
+
+export interface Consumption {
+  /** Stops pulling. Messages already yielded stay the caller's to settle. */
+  stop(): Promise<void>;
+}
+
+export interface Bus {
+  readonly name: BusName;
+  /** Connects and creates or verifies the stream and this instance's consumer. Idempotent across instances. */
+  start(): Promise<void>;
+  publish(msg: BusMessage): Promise<PublishResult>;
+  /** Starts pulling; onMessage is called for each delivery, in order of arrival. */
+  consume(onMessage: (msg: InboundMessage) => void): Consumption;
+  status(): BusStatus;
+  /** Listens for status changes; returns the unsubscribe function. */
+  onStatus(listener: (s: BusStatus) => void): () => void;
+  info(): Promise<StreamInfo>;
+  /** Stops consuming, lets pending settles reach the bus, and disconnects. */
+  close(): Promise<void>;
+}

@@ -1,0 +1,799 @@
+// The JetStream bus: one file-backed stream shared by every relay, one durable pull consumer per
+// relay instance. Written for nats-server 2.9 (no 2.10-only features: single filter_subject, no
+// consumer metadata, term() without a reason).
+
+import fs from "node:fs";
+import { setTimeout as sleep } from "node:timers/promises";
+import {
+  connect,
+  createInbox,
+  credsAuthenticator,
+  errors as natsErrors,
+  headers,
+  nanos,
+  nkeyAuthenticator,
+  type Authenticator,
+  type Msg,
+  type NatsConnection,
+  type NodeConnectionOptions,
+  type Subscription,
+} from "@nats-io/transport-node";
+import {
+  AckPolicy,
+  DeliverPolicy,
+  DiscardPolicy,
+  JetStreamApiError,
+  RetentionPolicy,
+  StorageType,
+  jetstream,
+  jetstreamManager,
+  type ConsumerConfig,
+  type ConsumerInfo,
+  type ConsumerMessages,
+  type JetStreamClient,
+  type JetStreamManager,
+  type JsMsg,
+  type StreamConfig,
+} from "@nats-io/jetstream";
+import type { NatsAuth } from "../config.js";
+import type { Logger } from "../log.js";
+import {
+  BusStartError,
+  BusUnavailableError,
+  type Bus,
+  type BusMessage,
+  type BusSettings,
+  type BusStatus,
+  type Consumption,
+  type InboundMessage,
+  type PublishResult,
+  type StreamInfo,
+} from "./bus.js";
+
+export type JetStreamBusOptions = BusSettings & {
+  urls: string[];
+  replicas: number;
+  auth: NatsAuth;
+  logger: Logger;
+};
+
+const SUBJECT_PREFIX = "uptrakit.push";
+const SUBJECT_FILTER = `${SUBJECT_PREFIX}.>`;
+
+const HDR_ORIGIN = "Uptrakit-Origin";
+const HDR_ID = "Uptrakit-Id";
+const HDR_KIND = "Uptrakit-Kind";
+const HDR_PUBLISHED_AT = "Uptrakit-Published-At";
+
+/** An unreachable server must fail the connect within this. */
+const CONNECT_TIMEOUT_MS = 5_000;
+/** Whole start(): connect, JetStream check, stream, consumer. */
+const START_DEADLINE_MS = 15_000;
+/** "JetStream not enabled" is also what a cluster answers during a leader election: retry this long. */
+const JS_CHECK_WINDOW_MS = 5_000;
+/** Each JetStream API request (stream/consumer info, create, update). */
+const API_TIMEOUT_MS = 4_000;
+/** A publish that gets no PubAck in this time is reported unavailable, so the relay can queue it. */
+const PUBLISH_TIMEOUT_MS = 3_000;
+const DUPLICATE_WINDOW_MS = 2 * 60_000;
+/** Bounded pull batch: the consumer's max_ack_pending is the real in-flight limit. */
+const MAX_PULL_BATCH = 1_000;
+/** consume() re-pulls on its own after missed heartbeats; restart it when that keeps failing. */
+const HEARTBEATS_MISSED_RESTART = 4;
+/** Drain lets pending acks flush; don't let a reconnecting connection hold close() for ever. */
+const DRAIN_TIMEOUT_MS = 5_000;
+
+const encoder = new TextEncoder();
+
+interface ConsumeRun {
+  stopped: boolean;
+  /** Aborted by stop(): cuts short any back-off wait. */
+  abort: AbortController;
+  messages?: ConsumerMessages;
+  /** Set by the status watcher when the current consume() must be replaced. */
+  restart?: { reason: string; recreate: boolean };
+}
+
+/** A publish awaiting its PubAck (see publish()). */
+interface PendingAck {
+  resolve(r: PublishResult): void;
+  reject(err: Error): void;
+  /** Date.now() after which the publish is reported unavailable. */
+  deadline: number;
+}
+
+/** How often unanswered publishes are checked against their deadline. */
+const ACK_SWEEP_MS = 100;
+
+export class JetStreamBus implements Bus {
+  readonly name = "jetstream" as const;
+
+  private readonly opts: JetStreamBusOptions;
+  private readonly log: Logger;
+  private readonly where: string;
+  private nc?: NatsConnection;
+  private js?: JetStreamClient;
+  private jsm?: JetStreamManager;
+  private current: BusStatus = { state: "disconnected", reason: "not started" };
+  private readonly listeners = new Set<(s: BusStatus) => void>();
+  private readonly runs = new Set<{ run: ConsumeRun; done: Promise<void> }>();
+  private closing = false;
+  // Pipelined publishing: one wildcard reply subscription for every PubAck, pending publishes
+  // keyed by the reply token (in deadline order), one sweep timer for all their timeouts.
+  private ackSub?: Subscription;
+  private ackPrefix = "";
+  private ackSeq = 0;
+  private readonly pendingAcks = new Map<string, PendingAck>();
+  private ackSweep?: NodeJS.Timeout;
+
+  constructor(opts: JetStreamBusOptions) {
+    if (opts.urls.length === 0) throw new Error("JetStreamBus needs at least one NATS URL");
+    this.opts = opts;
+    this.log = opts.logger.child({ bus: "jetstream" });
+    this.where = opts.urls.join(", ");
+  }
+
+  // ---- start-up -------------------------------------------------------------------------------
+
+  async start(): Promise<void> {
+    if (this.nc) return;
+    let step = "connecting";
+    const run = async (): Promise<void> => {
+      const nc = await this.connect();
+      this.nc = nc;
+      this.watchConnection(nc);
+      step = "checking JetStream";
+      this.jsm = await this.checkJetStream(nc);
+      this.js = jetstream(nc, { timeout: API_TIMEOUT_MS });
+      this.ackPrefix = createInbox();
+      this.ackSub = nc.subscribe(`${this.ackPrefix}.*`, { callback: (err, m) => this.onPubAck(err, m) });
+      step = `creating or verifying stream ${this.opts.stream}`;
+      await this.ensureStream();
+      step = `creating or verifying consumer ${this.opts.instanceId}`;
+      await this.ensureConsumer();
+    };
+    let timer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new BusStartError(`NATS at ${this.where} did not finish start-up within ${START_DEADLINE_MS / 1000} s (stuck ${step})`)),
+        START_DEADLINE_MS,
+      );
+    });
+    try {
+      await Promise.race([run(), deadline]);
+    } catch (err) {
+      await this.abandon();
+      throw err instanceof BusStartError ? err : new BusStartError(`NATS at ${this.where}: ${step} failed: ${describe(err)}`, { cause: err });
+    } finally {
+      clearTimeout(timer);
+    }
+    this.setStatus({ state: "connected" });
+    this.log.info({ urls: this.opts.urls, stream: this.opts.stream, consumer: this.opts.instanceId }, "JetStream bus started");
+  }
+
+  private async connect(): Promise<NatsConnection> {
+    const options: NodeConnectionOptions = {
+      servers: this.opts.urls,
+      name: `uptrakit-relay/${this.opts.instanceId}`,
+      // A relay rides out any outage: it never gives up reconnecting.
+      maxReconnectAttempts: -1,
+      timeout: CONNECT_TIMEOUT_MS,
+      ...this.authOptions(),
+    };
+    try {
+      return await connect(options);
+    } catch (err) {
+      if (isAuthError(err)) throw new BusStartError(`NATS at ${this.where} refused the credentials: ${describe(err)}`, { cause: err });
+      throw new BusStartError(`cannot reach NATS at ${this.where}: ${describe(err)}`, { cause: err });
+    }
+  }
+
+  /** Connection options from NatsAuth; unreadable key files are start-up errors that name the file. */
+  private authOptions(): Partial<NodeConnectionOptions> {
+    const a = this.opts.auth;
+    const o: Partial<NodeConnectionOptions> = {};
+    const authenticators: Authenticator[] = [];
+    if (a.user !== undefined) {
+      o.user = a.user;
+      o.pass = a.pass ?? "";
+    }
+    if (a.token !== undefined) o.token = a.token;
+    if (a.nkeySeedFile) {
+      const seed = readAuthFile(a.nkeySeedFile, "NKey seed file").toString("utf8").trim();
+      authenticators.push(nkeyAuthenticator(encoder.encode(seed)));
+    }
+    if (a.credsFile) authenticators.push(credsAuthenticator(readAuthFile(a.credsFile, "creds file")));
+    if (authenticators.length > 0) o.authenticator = authenticators;
+    if (a.tlsCa || a.tlsCert || a.tlsKey) {
+      o.tls = {};
+      if (a.tlsCa) o.tls.caFile = a.tlsCa;
+      if (a.tlsCert) o.tls.certFile = a.tlsCert;
+      if (a.tlsKey) o.tls.keyFile = a.tlsKey;
+    }
+    return o;
+  }
+
+  /**
+   * A server without -js answers the JetStream API with "no responders"; so does a cluster while it
+   * elects a leader. Retry for a few seconds before calling it a configuration error.
+   */
+  private async checkJetStream(nc: NatsConnection): Promise<JetStreamManager> {
+    const jsm = await jetstreamManager(nc, { timeout: API_TIMEOUT_MS, checkAPI: false });
+    const until = Date.now() + JS_CHECK_WINDOW_MS;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await jsm.getAccountInfo();
+        return jsm;
+      } catch (err) {
+        if (!isTransient(err) && !isNotEnabled(err)) throw err;
+        if (Date.now() >= until)
+          throw new BusStartError(`JetStream is not enabled on the NATS server at ${this.where} (${describe(err)}); start nats-server with -js`, { cause: err });
+        this.log.debug({ err: describe(err), attempt }, "JetStream not available yet; retrying");
+        await sleep(Math.min(250 * (attempt + 1), 1_000));
+      }
+    }
+  }
+
+  private streamConfig(): Partial<StreamConfig> & { name: string } {
+    return {
+      name: this.opts.stream,
+      subjects: [SUBJECT_FILTER],
+      storage: StorageType.File,
+      retention: RetentionPolicy.Limits,
+      discard: DiscardPolicy.Old,
+      max_age: nanos(this.opts.maxAgeMs),
+      // The server refuses a duplicate window longer than max_age.
+      duplicate_window: nanos(Math.min(DUPLICATE_WINDOW_MS, this.opts.maxAgeMs)),
+      num_replicas: this.opts.replicas,
+    };
+  }
+
+  /** Creates the stream, or verifies it; many relays may race here on a fresh server. */
+  private async ensureStream(): Promise<void> {
+    const jsm = this.jsm!;
+    const want = this.streamConfig();
+    try {
+      await retryTransient(() => jsm.streams.add({ ...want }));
+      this.log.debug({ stream: want.name }, "stream created or already identical");
+      return;
+    } catch (err) {
+      if (/subjects overlap/i.test(describe(err)))
+        throw new BusStartError(
+          `cannot create stream ${want.name} on NATS at ${this.where}: its subject ${SUBJECT_FILTER} overlaps another stream's (${describe(err)}); remove that stream or narrow its subjects`,
+          { cause: err },
+        );
+      // Exists with another config (or created by a racing relay a moment ago): look and decide.
+      if (!/already in use/i.test(describe(err)))
+        throw new BusStartError(`cannot create stream ${want.name} on NATS at ${this.where}: ${describe(err)}`, { cause: err });
+    }
+    await this.reconcileStream(want);
+  }
+
+  private async reconcileStream(want: Partial<StreamConfig> & { name: string }): Promise<void> {
+    const jsm = this.jsm!;
+    const have = (await retryTransient(() => jsm.streams.info(want.name))).config;
+    const fatal: string[] = [];
+    if (!sameSet(have.subjects ?? [], want.subjects!)) fatal.push(`subjects are [${(have.subjects ?? []).join(", ")}], not [${SUBJECT_FILTER}]`);
+    if (have.storage !== want.storage) fatal.push(`storage is ${have.storage}, not ${want.storage}`);
+    if (have.retention !== want.retention) fatal.push(`retention is ${have.retention}, not ${want.retention}`);
+    if (fatal.length > 0)
+      throw new BusStartError(
+        `stream ${want.name} on NATS at ${this.where} exists with an incompatible configuration: ${fatal.join("; ")}. Use another --stream name or delete that stream`,
+      );
+
+    // Retention, replicas and the duplicate window follow the relay's settings (a deliberate update).
+    const changes: Partial<StreamConfig> = {};
+    if (have.max_age !== want.max_age) changes.max_age = want.max_age;
+    if (have.duplicate_window !== want.duplicate_window) changes.duplicate_window = want.duplicate_window;
+    if (have.num_replicas !== want.num_replicas) changes.num_replicas = want.num_replicas;
+    if (have.discard !== want.discard) changes.discard = want.discard;
+    if (Object.keys(changes).length === 0) return;
+    const before = Object.fromEntries(Object.keys(changes).map((k) => [k, have[k as keyof StreamConfig]]));
+    this.log.warn({ stream: want.name, before, after: changes }, "stream exists with different settings; updating it to this relay's settings");
+    try {
+      await retryTransient(() => jsm.streams.update(want.name, changes));
+    } catch (err) {
+      throw new BusStartError(`cannot update stream ${want.name} on NATS at ${this.where} to this relay's settings: ${describe(err)}`, { cause: err });
+    }
+  }
+
+  private consumerConfig(existing?: ConsumerConfig): Partial<ConsumerConfig> {
+    return {
+      durable_name: this.opts.instanceId,
+      ack_policy: AckPolicy.Explicit,
+      // The deliver policy of an existing consumer cannot be changed: keep it.
+      deliver_policy: existing?.deliver_policy ?? DeliverPolicy.New,
+      filter_subject: SUBJECT_FILTER,
+      ack_wait: nanos(this.opts.ackWaitMs),
+      max_deliver: this.opts.maxDeliver,
+      max_ack_pending: this.opts.maxInFlight,
+      inactive_threshold: nanos(this.opts.inactiveThresholdMs),
+    };
+  }
+
+  /**
+   * Creates this instance's durable consumer, or brings an existing one to the relay's settings.
+   * (On 2.9 re-adding a consumer with another config silently updates it; we do it knowingly.)
+   */
+  private async ensureConsumer(): Promise<void> {
+    const jsm = this.jsm!;
+    const { stream, instanceId } = this.opts;
+    const existing = await this.consumerInfo();
+    const want = this.consumerConfig(existing?.config);
+    if (existing) {
+      const changed = changedFields(existing.config, want);
+      if (changed.length === 0) return;
+      this.log.info({ consumer: instanceId, changed }, "consumer exists with different settings; updating it to this relay's settings");
+    }
+    try {
+      await retryTransient(() => jsm.consumers.add(stream, { ...want }));
+    } catch (err) {
+      throw new BusStartError(`cannot create or update consumer ${instanceId} on stream ${stream} at ${this.where}: ${describe(err)}`, { cause: err });
+    }
+  }
+
+  private async consumerInfo(): Promise<ConsumerInfo | null> {
+    try {
+      return await retryTransient(() => this.jsm!.consumers.info(this.opts.stream, this.opts.instanceId));
+    } catch (err) {
+      if (isConsumerNotFound(err)) return null;
+      throw err;
+    }
+  }
+
+  /** A failed start must not leave a connection reconnecting in the background. */
+  private async abandon(): Promise<void> {
+    const nc = this.nc;
+    this.nc = this.js = this.jsm = this.ackSub = undefined;
+    this.failPendingAcks("start failed");
+    this.setStatus({ state: "disconnected", reason: "start failed" });
+    await nc?.close().catch(() => undefined);
+  }
+
+  // ---- connection status ----------------------------------------------------------------------
+
+  private watchConnection(nc: NatsConnection): void {
+    void (async () => {
+      for await (const s of nc.status()) {
+        switch (s.type) {
+          case "disconnect":
+            this.setStatus({ state: "disconnected", reason: `lost connection to ${s.server}` });
+            break;
+          case "reconnecting":
+            if (this.current.state !== "disconnected") this.setStatus({ state: "disconnected", reason: "reconnecting" });
+            break;
+          case "staleConnection":
+            this.setStatus({ state: "disconnected", reason: "stale connection (no PONG)" });
+            break;
+          case "reconnect":
+            // Only after start() succeeded: before that, start() decides the status.
+            if (this.js) this.setStatus({ state: "connected" });
+            this.log.info({ server: s.server }, "reconnected to NATS");
+            break;
+          case "ldm":
+            this.log.warn({ server: s.server }, "NATS server entering lame duck mode");
+            break;
+          case "error":
+            this.log.warn({ err: describe(s.error) }, "NATS connection error");
+            break;
+          case "close":
+            this.setStatus({ state: "closed", reason: "connection closed" });
+            break;
+          default:
+            break;
+        }
+      }
+    })().catch((err) => this.log.debug({ err: describe(err) }, "status watcher ended"));
+    void nc.closed().then((err) => {
+      this.setStatus({ state: "closed", reason: err ? describe(err) : "connection closed" });
+    });
+  }
+
+  private setStatus(s: BusStatus): void {
+    if (this.current.state === "closed") return; // final
+    if (this.current.state === s.state && this.current.reason === s.reason) return;
+    this.current = s;
+    if (s.state !== "connected") this.log.info({ state: s.state, reason: s.reason }, "bus status changed");
+    for (const l of this.listeners) {
+      try {
+        l(s);
+      } catch (err) {
+        this.log.error({ err: describe(err) }, "bus status listener threw");
+      }
+    }
+  }
+
+  status(): BusStatus {
+    return { ...this.current };
+  }
+
+  onStatus(listener: (s: BusStatus) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  // ---- publishing -----------------------------------------------------------------------------
+
+  /**
+   * What js.publish() does, pipelined: the message goes out with a reply subject under one
+   * wildcard subscription, and the PubAck settles it (onPubAck). nats.js's request() would
+   * build a promise, a timer and two Error objects (stack traces) per message, which dominated
+   * the relay's CPU profile; here a publish costs a map entry, and one sweep timer handles
+   * every timeout. Semantics are unchanged: resolves on the PubAck (durable), Nats-Msg-Id
+   * deduplicates, no answer within PUBLISH_TIMEOUT_MS or a 503 is BusUnavailableError.
+   */
+  publish(msg: BusMessage): Promise<PublishResult> {
+    const nc = this.nc;
+    // While reconnecting, nats.js would buffer the message and time out later: fail fast instead.
+    if (!nc || !this.js || !this.ackSub || this.current.state !== "connected")
+      return Promise.reject(
+        new BusUnavailableError(`JetStream bus is ${this.current.state}${this.current.reason ? ` (${this.current.reason})` : ""}`),
+      );
+    const id = encodeHeader(msg.id);
+    const h = headers();
+    h.set(HDR_ORIGIN, msg.origin);
+    h.set(HDR_ID, id);
+    h.set(HDR_KIND, msg.kind);
+    h.set(HDR_PUBLISHED_AT, msg.publishedAt);
+    h.set("Nats-Msg-Id", `${msg.origin}:${id}`);
+    const token = (this.ackSeq++).toString(36);
+    return new Promise<PublishResult>((resolve, reject) => {
+      this.pendingAcks.set(token, { resolve, reject, deadline: Date.now() + PUBLISH_TIMEOUT_MS });
+      try {
+        nc.publish(`${SUBJECT_PREFIX}.${msg.kind}`, encoder.encode(msg.payloadJson), { headers: h, reply: `${this.ackPrefix}.${token}` });
+      } catch (err) {
+        this.pendingAcks.delete(token);
+        reject(
+          isTransient(err) ? new BusUnavailableError(`JetStream did not take the message: ${describe(err)}`, { cause: err }) : err,
+        );
+        return;
+      }
+      if (!this.ackSweep) this.ackSweep = setInterval(() => this.sweepAcks(), ACK_SWEEP_MS);
+    });
+  }
+
+  /** A PubAck (or a no-responders status) for one pending publish. */
+  private onPubAck(err: Error | null, m: Msg): void {
+    if (err) {
+      // The subscription itself failed (e.g. a permissions violation): pending publishes time out.
+      this.log.warn({ err: describe(err) }, "PubAck subscription error");
+      return;
+    }
+    const token = m.subject.slice(this.ackPrefix.length + 1);
+    const p = this.pendingAcks.get(token);
+    if (!p) return; // answered after its timeout
+    this.pendingAcks.delete(token);
+    const code = m.headers?.code ?? 0;
+    if (m.data.length === 0 && code >= 300) {
+      // 503 "no responders": no stream listens on the subject (JetStream down, or an election).
+      p.reject(new BusUnavailableError(`JetStream did not take the message: ${code === 503 ? "no responders" : `status ${code}`}`));
+      return;
+    }
+    let ack: { stream?: string; duplicate?: boolean; error?: { code?: number; err_code?: number; description?: string } };
+    try {
+      ack = JSON.parse(m.string()) as typeof ack;
+    } catch {
+      p.reject(new Error("JetStream sent an unreadable PubAck"));
+      return;
+    }
+    if (ack.error) {
+      const what = `${ack.error.description ?? "error"} (code ${ack.error.code ?? "?"}, err_code ${ack.error.err_code ?? "?"})`;
+      // 503: JetStream is temporarily unavailable (a leader election): queue and retry.
+      p.reject(ack.error.code === 503 ? new BusUnavailableError(`JetStream did not take the message: ${what}`) : new Error(`JetStream refused the message: ${what}`));
+      return;
+    }
+    if (!ack.stream) {
+      p.reject(new Error("JetStream sent an invalid PubAck (no stream)"));
+      return;
+    }
+    p.resolve({ duplicate: ack.duplicate === true });
+  }
+
+  /** Fails publishes whose PubAck is overdue; pendingAcks is in deadline order. */
+  private sweepAcks(): void {
+    const now = Date.now();
+    for (const [token, p] of this.pendingAcks) {
+      if (p.deadline > now) break;
+      this.pendingAcks.delete(token);
+      p.reject(new BusUnavailableError(`JetStream did not take the message: no PubAck within ${PUBLISH_TIMEOUT_MS} ms`));
+    }
+    if (this.pendingAcks.size === 0) this.stopAckSweep();
+  }
+
+  private stopAckSweep(): void {
+    if (this.ackSweep) clearInterval(this.ackSweep);
+    this.ackSweep = undefined;
+  }
+
+  /** close()/abandon(): nothing will answer the publishes still waiting. */
+  private failPendingAcks(reason: string): void {
+    const all = [...this.pendingAcks.values()];
+    this.pendingAcks.clear();
+    this.stopAckSweep();
+    for (const p of all) p.reject(new BusUnavailableError(`JetStream did not take the message: ${reason}`));
+  }
+
+  // ---- consuming ------------------------------------------------------------------------------
+
+  consume(onMessage: (msg: InboundMessage) => void): Consumption {
+    if (!this.js) throw new Error("JetStreamBus.consume() called before start()");
+    const run: ConsumeRun = { stopped: false, abort: new AbortController() };
+    const entry = { run, done: this.consumeLoop(run, onMessage) };
+    this.runs.add(entry);
+    return {
+      stop: async () => {
+        this.stopRun(run);
+        await entry.done;
+        this.runs.delete(entry);
+      },
+    };
+  }
+
+  private stopRun(run: ConsumeRun): void {
+    if (run.stopped) return;
+    run.stopped = true;
+    run.abort.abort();
+    // Ends the iteration in consumeLoop, which the caller then awaits.
+    run.messages?.stop();
+  }
+
+  /** Keeps one consume() going until stopped, replacing it when it breaks. */
+  private async consumeLoop(run: ConsumeRun, onMessage: (msg: InboundMessage) => void): Promise<void> {
+    let failures = 0;
+    while (!run.stopped && this.nc && !this.nc.isClosed()) {
+      const messages = await this.openConsume();
+      if (!messages) {
+        await this.backoff(run, failures++);
+        continue;
+      }
+      if (run.stopped) {
+        // stop() came while consume() was being set up. (close() would wait for an iteration.)
+        messages.stop();
+        break;
+      }
+      failures = 0;
+      run.messages = messages;
+      run.restart = undefined;
+      this.watchConsumeStatus(messages, run);
+      try {
+        for await (const m of messages) {
+          // After stop(), buffered messages are left unacked: they come back after ack_wait.
+          if (run.stopped) break;
+          this.dispatch(m, onMessage);
+        }
+      } catch (err) {
+        this.log.warn({ err: describe(err) }, "consume ended with an error; restarting it");
+      }
+      run.messages = undefined;
+      if (run.stopped) break;
+      // Set by the status watcher while we were iterating (TS cannot see that).
+      const restart = run.restart as ConsumeRun["restart"];
+      if (restart?.recreate) await this.recreate();
+      else if (!restart) await this.backoff(run, failures++);
+    }
+  }
+
+  private async openConsume(): Promise<ConsumerMessages | undefined> {
+    try {
+      const consumer = await this.js!.consumers.get(this.opts.stream, this.opts.instanceId);
+      // consume() keeps a pull pending, so a message after long silence arrives at once.
+      return await consumer.consume({ max_messages: Math.min(this.opts.maxInFlight, MAX_PULL_BATCH) });
+    } catch (err) {
+      if (isConsumerNotFound(err) || isStreamNotFound(err)) {
+        this.log.warn({ consumer: this.opts.instanceId }, "consumer is gone; recreating it");
+        await this.recreate();
+      } else {
+        this.log.warn({ err: describe(err) }, "cannot start consuming yet; will retry");
+      }
+      return undefined;
+    }
+  }
+
+  /** Watches one consume()'s notifications and stops it when it needs replacing. */
+  private watchConsumeStatus(messages: ConsumerMessages, run: ConsumeRun): void {
+    const restart = (reason: string, recreate: boolean): void => {
+      if (run.restart || run.stopped) return;
+      this.log.warn({ reason }, "restarting consume");
+      run.restart = { reason, recreate };
+      messages.stop();
+    };
+    void (async () => {
+      for await (const s of messages.status()) {
+        switch (s.type) {
+          case "heartbeats_missed":
+            this.log.debug({ count: s.count }, "consumer heartbeats missed");
+            if (s.count >= HEARTBEATS_MISSED_RESTART) restart(`${s.count} heartbeats missed`, false);
+            break;
+          case "consumer_not_found":
+          case "consumer_deleted":
+            restart(s.type.replace("_", " "), true);
+            break;
+          case "stream_not_found":
+            restart("stream not found", true);
+            break;
+          case "exceeded_limits":
+            this.log.warn({ description: s.description }, "pull request exceeded a server limit");
+            break;
+          default:
+            break;
+        }
+      }
+    })().catch((err) => this.log.debug({ err: describe(err) }, "consume status watcher ended"));
+  }
+
+  /** Brings back the stream and consumer after they vanished under a running relay. */
+  private async recreate(): Promise<void> {
+    try {
+      await this.ensureStream();
+      await this.ensureConsumer();
+    } catch (err) {
+      this.log.error({ err: describe(err) }, "cannot recreate the stream/consumer; will retry");
+    }
+  }
+
+  private async backoff(run: ConsumeRun, failures: number): Promise<void> {
+    const ms = Math.min(250 * 2 ** failures, 5_000);
+    await sleep(ms, undefined, { signal: run.abort.signal }).catch(() => undefined);
+  }
+
+  private dispatch(m: JsMsg, onMessage: (msg: InboundMessage) => void): void {
+    try {
+      onMessage(this.toInbound(m));
+    } catch (err) {
+      this.log.error({ err: describe(err), seq: m.info.streamSequence }, "message handler threw");
+    }
+  }
+
+  private toInbound(m: JsMsg): InboundMessage {
+    const h = m.headers;
+    const header = (k: string): string | undefined => (h?.has(k) ? h.get(k) : undefined);
+    const rawId = header(HDR_ID);
+    // Settling on a closed connection throws; the server redelivers anyway, so just note it.
+    const settle = (what: string, fn: () => void) => (): void => {
+      try {
+        fn();
+      } catch (err) {
+        this.log.debug({ err: describe(err), seq: m.info.streamSequence, what }, "could not settle message");
+      }
+    };
+    return {
+      id: rawId !== undefined ? decodeHeader(rawId) : header("Nats-Msg-Id") ?? `${m.info.stream}:${m.info.streamSequence}`,
+      kind: header(HDR_KIND) ?? m.subject.slice(SUBJECT_PREFIX.length + 1),
+      origin: header(HDR_ORIGIN) ?? "",
+      publishedAt: header(HDR_PUBLISHED_AT) ?? m.time.toISOString(),
+      payloadJson: m.string(),
+      attempt: m.info.deliveryCount,
+      seq: m.info.streamSequence,
+      ack: settle("ack", () => m.ack()),
+      nak: (delayMs: number) => settle("nak", () => m.nak(Math.max(0, delayMs)))(),
+      working: settle("working", () => m.working()),
+      // No reason argument: 2.9 ignores a term with a reason and redelivers.
+      term: settle("term", () => m.term()),
+    };
+  }
+
+  // ---- info and shutdown ----------------------------------------------------------------------
+
+  async info(): Promise<StreamInfo> {
+    if (!this.jsm) throw new BusUnavailableError("JetStream bus is not started");
+    const si = await this.jsm.streams.info(this.opts.stream);
+    const ci = await this.consumerInfo();
+    return {
+      bus: "jetstream",
+      stream: this.opts.stream,
+      messages: si.state.messages,
+      bytes: si.state.bytes,
+      firstSeq: si.state.first_seq,
+      lastSeq: si.state.last_seq,
+      consumer: ci && {
+        name: ci.name,
+        pending: ci.num_pending,
+        ackPending: ci.num_ack_pending,
+        redelivered: ci.num_redelivered,
+      },
+    };
+  }
+
+  async close(): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    await Promise.all([...this.runs].map(async (e) => {
+      this.stopRun(e.run);
+      await e.done;
+    }));
+    this.runs.clear();
+    const nc = this.nc;
+    if (nc && !nc.isClosed()) {
+      // drain() flushes pending acks. With the server away there is nothing to flush to, and a
+      // reconnecting connection could hold drain() for ever: bound it.
+      const drained = this.current.state === "connected" ? nc.drain().then(() => true, () => false) : Promise.resolve(false);
+      const inTime = await Promise.race([drained, sleep(DRAIN_TIMEOUT_MS).then(() => false)]);
+      if (!inTime) await nc.close().catch(() => undefined);
+    }
+    this.failPendingAcks("the bus was closed");
+    this.setStatus({ state: "closed", reason: "closed" });
+  }
+}
+
+// ---- helpers --------------------------------------------------------------------------------------
+
+function describe(err: unknown): string {
+  if (!(err instanceof Error)) return String(err);
+  const cause = err.cause instanceof Error ? err.cause.message : undefined;
+  return cause && !err.message.includes(cause) ? `${err.message} (${cause})` : err.message;
+}
+
+function readAuthFile(file: string, what: string): Buffer {
+  try {
+    return fs.readFileSync(file);
+  } catch (err) {
+    throw new BusStartError(`cannot read the NATS ${what} ${file}: ${describe(err)}`, { cause: err });
+  }
+}
+
+function isAuthError(err: unknown): boolean {
+  return (
+    err instanceof natsErrors.AuthorizationError ||
+    err instanceof natsErrors.UserAuthenticationExpiredError ||
+    /authorization violation|authentication/i.test(describe(err))
+  );
+}
+
+/** "JetStream not enabled": a config error at start-up, a leader election at run time. */
+function isNotEnabled(err: unknown): boolean {
+  return err instanceof Error && (err.name === "JetStreamNotEnabled" || /jetstream (is )?not enabled/i.test(err.message));
+}
+
+/** Errors that mean "JetStream cannot answer right now", not "the request is wrong". */
+function isTransient(err: unknown): boolean {
+  if (err instanceof natsErrors.TimeoutError) return true;
+  if (err instanceof natsErrors.RequestError) return true;
+  if (err instanceof natsErrors.ClosedConnectionError || err instanceof natsErrors.DrainingConnectionError) return true;
+  if (err instanceof natsErrors.ConnectionError) return true;
+  if (err instanceof JetStreamApiError && err.status === 503) return true;
+  return err instanceof Error && /no responders|timeout|temporarily unavailable|no suitable peers/i.test(describe(err));
+}
+
+function isConsumerNotFound(err: unknown): boolean {
+  return err instanceof Error && (err.name === "ConsumerNotFoundError" || /consumer not found/i.test(err.message));
+}
+
+function isStreamNotFound(err: unknown): boolean {
+  return err instanceof Error && (err.name === "StreamNotFoundError" || /stream not found/i.test(err.message));
+}
+
+/** Retries an API call through a short outage (a cluster electing a leader answers 503). */
+async function retryTransient<T>(fn: () => Promise<T>, windowMs = JS_CHECK_WINDOW_MS): Promise<T> {
+  const until = Date.now() + windowMs;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (!(isTransient(err) || isNotEnabled(err)) || Date.now() >= until) throw err;
+      await sleep(Math.min(250 * (attempt + 1), 1_000));
+    }
+  }
+}
+
+function sameSet(a: string[], b: string[]): boolean {
+  return a.length === b.length && a.every((x) => b.includes(x));
+}
+
+/** Names of the fields of `want` whose value differs in `have`. */
+function changedFields(have: ConsumerConfig, want: Partial<ConsumerConfig>): string[] {
+  return (Object.keys(want) as (keyof ConsumerConfig)[]).filter((k) => have[k] !== want[k]);
+}
+
+// Header values cannot hold CR/LF and nats.js trims them: percent-encode a publish id (a no-op for
+// ordinary ids) so every id travels and comes back exactly.
+function encodeHeader(v: string): string {
+  return encodeURIComponent(v);
+}
+
+function decodeHeader(v: string): string {
+  try {
+    return decodeURIComponent(v);
+  } catch {
+    return v;
+  }
+}

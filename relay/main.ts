@@ -1,0 +1,178 @@
+#!/usr/bin/env node
+// uptrakit-relay: the command line. `run` (the default) starts the daemon; `dlq` and `stream`
+// are operator commands on the data dir and the bus.
+
+import { Command, InvalidArgumentError, Option } from "commander";
+import { addConnectionOptions, addRunOptions, parseDuration, toRelayConfig, type RelayConfig } from "./config.js";
+import { createLogger } from "./log.js";
+import { Relay } from "./relay.js";
+import { RelayStore } from "./store/store.js";
+import { createBus } from "./bus/create.js";
+import type { StreamInfo } from "./bus/bus.js";
+
+const program = new Command("uptrakit-relay")
+  .description("Sidecar relay: cross-instance push notifications for Uptrakit controllers over NATS JetStream or an embedded SQLite bus")
+  .showHelpAfterError("(run with --help for the options)");
+
+function fail(message: string): never {
+  process.stderr.write(`uptrakit-relay: ${message}\n`);
+  process.exit(1);
+}
+
+// ---- run ----
+
+addRunOptions(
+  program
+    .command("run", { isDefault: true })
+    .description("run the relay daemon (the default command)"),
+).action(async (opts: Record<string, unknown>) => {
+  const cfg = toRelayConfig(opts);
+  const log = createLogger(cfg.logLevel, cfg.instanceId);
+  const relay = new Relay(cfg, log);
+  let stopping = false;
+  const onSignal = (signal: NodeJS.Signals): void => {
+    if (stopping) {
+      log.warn({ signal }, "second signal: exiting without draining");
+      process.exit(1);
+    }
+    stopping = true;
+    log.info({ signal }, "signal received");
+    relay.stop().then(
+      () => process.exit(0),
+      (err) => {
+        log.error({ err }, "error while stopping");
+        process.exit(1);
+      },
+    );
+  };
+  process.on("SIGTERM", onSignal);
+  process.on("SIGINT", onSignal);
+  try {
+    await relay.start();
+  } catch (err) {
+    log.fatal({ err: (err as Error).message }, "cannot start");
+    fail(`cannot start: ${(err as Error).message}`);
+  }
+});
+
+// ---- dlq ----
+
+const dataDirOption = (): Option => new Option("--data-dir <dir>", "the relay's data dir [env UPTRAKIT_DATA_DIR]").env("UPTRAKIT_DATA_DIR").default("./.uptrakit");
+
+function openStore(opts: { dataDir: string }): RelayStore {
+  try {
+    return RelayStore.open(toRelayConfig({ dataDir: opts.dataDir }).dataDir);
+  } catch (err) {
+    fail((err as Error).message);
+  }
+}
+
+const dlq = program.command("dlq").description("list, replay or purge dead letters in a relay's data dir");
+
+dlq
+  .command("list")
+  .description("print the dead letters")
+  .addOption(dataDirOption())
+  .option("--json", "print a JSON array")
+  .action((opts: { dataDir: string; json?: boolean }) => {
+    const store = openStore(opts);
+    const rows = store.deadLetters();
+    store.close();
+    if (opts.json) {
+      const out = rows.map((r) => ({
+        seq: r.seq,
+        id: r.id,
+        kind: r.kind,
+        origin: r.origin,
+        attempts: r.attempts,
+        reason: r.reason,
+        publishedAt: r.publishedAt,
+        deadAt: r.deadAt,
+        replayRequested: r.replayRequested,
+        payload: JSON.parse(r.payloadJson) as unknown,
+      }));
+      process.stdout.write(JSON.stringify(out, null, 2) + "\n");
+      return;
+    }
+    if (rows.length === 0) {
+      process.stdout.write("no dead letters\n");
+      return;
+    }
+    for (const r of rows)
+      process.stdout.write(
+        `#${r.seq}  ${r.deadAt}  ${r.kind}  id=${r.id}  origin=${r.origin}  attempts=${r.attempts}${r.replayRequested ? "  (replay pending)" : ""}\n    ${r.reason}\n`,
+      );
+    process.stdout.write(`${rows.length} dead letter${rows.length === 1 ? "" : "s"}\n`);
+  });
+
+dlq
+  .command("replay")
+  .description("deliver a dead letter (by message id, or #seq from `dlq list`) to this relay's controller again, with fresh attempts")
+  .argument("<id>", "message id, or the seq shown by `dlq list`")
+  .addOption(dataDirOption())
+  .action((id: string, opts: { dataDir: string }) => {
+    const store = openStore(opts);
+    const n = store.requestReplay(id.replace(/^#/, ""));
+    store.close();
+    if (n === 0) fail(`no dead letter with id or seq ${JSON.stringify(id)}`);
+    process.stdout.write(`${n} dead letter${n === 1 ? "" : "s"} queued for replay; the running relay delivers ${n === 1 ? "it" : "them"} to its controller\n`);
+  });
+
+dlq
+  .command("purge")
+  .description("remove dead letters: all of them, or those older than a duration")
+  .addOption(dataDirOption())
+  .addOption(
+    new Option("--older-than <duration>", "only those dead for longer than this (e.g. 7d, 12h)").argParser((v) => {
+      try {
+        return parseDuration(v);
+      } catch {
+        throw new InvalidArgumentError("expected a duration such as 30m, 12h or 7d");
+      }
+    }),
+  )
+  .action((opts: { dataDir: string; olderThan?: number }) => {
+    const store = openStore(opts);
+    const n = store.purgeDeadLetters(opts.olderThan === undefined ? undefined : new Date(Date.now() - opts.olderThan));
+    store.close();
+    process.stdout.write(`${n} dead letter${n === 1 ? "" : "s"} removed\n`);
+  });
+
+// ---- stream info ----
+
+async function printStreamInfo(opts: Record<string, unknown>): Promise<void> {
+  const cfg: RelayConfig = toRelayConfig(opts);
+  const log = createLogger(cfg.logLevel === "info" ? "warn" : cfg.logLevel, cfg.instanceId);
+  const bus = createBus(cfg, log);
+  let info: StreamInfo;
+  try {
+    await bus.start();
+    info = await bus.info();
+  } catch (err) {
+    await bus.close().catch(() => undefined);
+    fail((err as Error).message);
+  }
+  await bus.close();
+  if (opts.json) {
+    process.stdout.write(JSON.stringify(info, null, 2) + "\n");
+    return;
+  }
+  const c = info.consumer;
+  process.stdout.write(
+    [
+      `bus:        ${info.bus}`,
+      `stream:     ${info.stream}`,
+      `messages:   ${info.messages} (${info.bytes} bytes, seq ${info.firstSeq}..${info.lastSeq})`,
+      c
+        ? `consumer:   ${c.name}: ${c.pending} pending, ${c.ackPending} awaiting ack, ${c.redelivered} redelivered`
+        : `consumer:   none for instance ${cfg.instanceId}`,
+    ].join("\n") + "\n",
+  );
+}
+
+const stream = program.command("stream").description("inspect the stream and this instance's consumer");
+for (const cmd of [stream.command("info"), program.command("status")]) {
+  addConnectionOptions(cmd.description("print the stream's and this instance's consumer state").option("--json", "print JSON")).action(printStreamInfo);
+}
+
+await program.parseAsync(process.argv);

@@ -1,0 +1,205 @@
+// The wire contract between a controller and its relay: JSON text frames on ws://<listen>/ws.
+// This module is the single source of truth for it; docs/protocol.md describes the same frames.
+
+import { kindProblem } from "./kinds.js";
+
+export type ErrorCode =
+  | "invalid_frame"
+  | "frame_too_large"
+  | "forbidden_kind"
+  | "unavailable"
+  | "unknown_delivery";
+
+// ---- controller → relay -------------------------------------------------------------------
+
+export interface PublishFrame {
+  type: "publish";
+  id: string;
+  kind: string;
+  /** The payload as JSON text: parsed once to validate the frame, then carried as text. */
+  payloadJson: string;
+}
+export interface AckFrame {
+  type: "ack";
+  deliveryId: string;
+}
+export interface NackFrame {
+  type: "nack";
+  deliveryId: string;
+  delayMs?: number;
+}
+export interface WorkingFrame {
+  type: "working";
+  deliveryId: string;
+}
+export interface RejectFrame {
+  type: "reject";
+  deliveryId: string;
+  reason?: string;
+}
+export type ClientFrame = PublishFrame | AckFrame | NackFrame | WorkingFrame | RejectFrame;
+
+export interface FrameError {
+  code: ErrorCode;
+  message: string;
+  /** The publish id, when the frame got far enough to have one. */
+  id?: string;
+}
+
+export const MAX_ID_LENGTH = 128;
+export const MAX_DELIVERY_ID_LENGTH = 128;
+/** Longest nack delay a controller may ask for: a day, so a typo cannot park a message for ever. */
+export const MAX_NACK_DELAY_MS = 24 * 60 * 60 * 1000;
+/** JSON nested deeper than this is refused: it has no business in a notification. */
+export const MAX_PAYLOAD_DEPTH = 64;
+
+export type ParseResult = { ok: true; frame: ClientFrame } | { ok: false; error: FrameError };
+
+const fail = (code: ErrorCode, message: string, id?: string): ParseResult => ({
+  ok: false,
+  error: id === undefined ? { code, message } : { code, message, id },
+});
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+function validId(v: unknown): v is string {
+  return typeof v === "string" && v.length >= 1 && v.length <= MAX_ID_LENGTH;
+}
+
+function validDeliveryId(v: unknown): v is string {
+  return typeof v === "string" && v.length >= 1 && v.length <= MAX_DELIVERY_ID_LENGTH;
+}
+
+/** Depth of nested arrays/objects, stopping early once past the limit. */
+function depthExceeds(value: unknown, limit: number): boolean {
+  const stack: Array<[unknown, number]> = [[value, 1]];
+  while (stack.length > 0) {
+    const [v, d] = stack.pop()!;
+    if (typeof v !== "object" || v === null) continue;
+    if (d > limit) return true;
+    for (const child of Array.isArray(v) ? v : Object.values(v)) {
+      if (typeof child === "object" && child !== null) stack.push([child, d + 1]);
+    }
+  }
+  return false;
+}
+
+/**
+ * Parses one text frame. Never throws: every problem becomes a FrameError that the caller
+ * sends back as an error frame, keeping the connection open.
+ */
+export function parseClientFrame(text: string): ParseResult {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch {
+    return fail("invalid_frame", "frame is not valid JSON");
+  }
+  if (!isPlainObject(raw)) return fail("invalid_frame", "frame must be a JSON object");
+  const type = raw.type;
+  switch (type) {
+    case "publish":
+      return parsePublish(raw);
+    case "ack":
+    case "working":
+      if (!validDeliveryId(raw.deliveryId))
+        return fail("invalid_frame", `${type}: "deliveryId" must be a string of 1-${MAX_DELIVERY_ID_LENGTH} characters`);
+      return { ok: true, frame: { type, deliveryId: raw.deliveryId } };
+    case "nack": {
+      if (!validDeliveryId(raw.deliveryId))
+        return fail("invalid_frame", `nack: "deliveryId" must be a string of 1-${MAX_DELIVERY_ID_LENGTH} characters`);
+      const d = raw.delayMs;
+      if (d !== undefined && (typeof d !== "number" || !Number.isInteger(d) || d < 0 || d > MAX_NACK_DELAY_MS))
+        return fail("invalid_frame", `nack: "delayMs" must be an integer from 0 to ${MAX_NACK_DELAY_MS}`);
+      return { ok: true, frame: d === undefined ? { type, deliveryId: raw.deliveryId } : { type, deliveryId: raw.deliveryId, delayMs: d } };
+    }
+    case "reject": {
+      if (!validDeliveryId(raw.deliveryId))
+        return fail("invalid_frame", `reject: "deliveryId" must be a string of 1-${MAX_DELIVERY_ID_LENGTH} characters`);
+      const r = raw.reason;
+      if (r !== undefined && typeof r !== "string") return fail("invalid_frame", `reject: "reason" must be a string`);
+      return { ok: true, frame: { type, deliveryId: raw.deliveryId, reason: r === undefined ? undefined : r.slice(0, 1024) } };
+    }
+    default:
+      return fail(
+        "invalid_frame",
+        typeof type === "string"
+          ? `unknown frame type ${JSON.stringify(type.slice(0, 32))}`
+          : `frame needs a string "type" (publish, ack, nack, working, reject)`,
+      );
+  }
+}
+
+function parsePublish(raw: Record<string, unknown>): ParseResult {
+  const id = raw.id;
+  if (!validId(id)) return fail("invalid_frame", `publish: "id" must be a string of 1-${MAX_ID_LENGTH} characters`);
+  const kind = raw.kind;
+  if (typeof kind !== "string") return fail("invalid_frame", `publish: "kind" must be a string`, id);
+  const problem = kindProblem(kind);
+  if (problem) return fail(problem.code, `publish: ${problem.message}`, id);
+  if (!("payload" in raw) || raw.payload === undefined) return fail("invalid_frame", `publish: "payload" is required`, id);
+  if (depthExceeds(raw.payload, MAX_PAYLOAD_DEPTH))
+    return fail("invalid_frame", `publish: "payload" is nested deeper than ${MAX_PAYLOAD_DEPTH} levels`, id);
+  return { ok: true, frame: { type: "publish", id, kind, payloadJson: JSON.stringify(raw.payload) } };
+}
+
+/**
+ * Best-effort publish id of a frame too large to parse, so the error can name it.
+ * Looks only at the frame's head; a miss just means the error carries no id.
+ */
+export function sniffPublishId(head: string): string | undefined {
+  const m = /"id"\s*:\s*"((?:[^"\\]|\\.){1,128})"/.exec(head.slice(0, 512));
+  if (!m) return undefined;
+  try {
+    return JSON.parse(`"${m[1]}"`) as string;
+  } catch {
+    return undefined;
+  }
+}
+
+// ---- relay → controller -------------------------------------------------------------------
+
+export type BusName = "jetstream" | "sqlite";
+
+export function readyFrame(instanceId: string, bus: BusName): string {
+  return JSON.stringify({ type: "ready", instanceId, bus });
+}
+
+export function publishedFrame(id: string, queued = false): string {
+  return JSON.stringify(queued ? { type: "published", id, queued: true } : { type: "published", id });
+}
+
+export function errorFrame(error: FrameError): string {
+  return JSON.stringify(
+    error.id === undefined
+      ? { type: "error", code: error.code, message: error.message }
+      : { type: "error", id: error.id, code: error.code, message: error.message },
+  );
+}
+
+export interface DeliverFields {
+  deliveryId: string;
+  id: string;
+  kind: string;
+  origin: string;
+  attempt: number;
+  publishedAt: string;
+  /** JSON text, spliced in as it is: the relay never re-parses a payload it forwards. */
+  payloadJson: string;
+}
+
+export function deliverFrame(d: DeliverFields): string {
+  return (
+    `{"type":"deliver","deliveryId":${JSON.stringify(d.deliveryId)},"id":${JSON.stringify(d.id)}` +
+    `,"kind":${JSON.stringify(d.kind)},"origin":${JSON.stringify(d.origin)},"attempt":${d.attempt}` +
+    `,"publishedAt":${JSON.stringify(d.publishedAt)},"payload":${d.payloadJson}}`
+  );
+}
+
+// Close codes the relay uses on /ws (4000-4999 is the application range).
+export const CLOSE_NORMAL = 1000;
+export const CLOSE_GOING_AWAY = 1001;
+export const CLOSE_TOO_BIG = 1009;
+export const CLOSE_SUPERSEDED = 4001;

@@ -1,0 +1,131 @@
+// The publish path: straight to the bus while it is up, into the durable outbox while it is
+// not. Queued messages are flushed in order, with the same (origin, id) so that a flush after
+// an unclear acknowledgement is stored once (the bus's duplicate window).
+
+import { BusUnavailableError, type Bus, type BusMessage } from "./bus/bus.js";
+import type { RelayStore } from "./store/store.js";
+import type { RelayMetrics } from "./metrics.js";
+import type { Logger } from "./log.js";
+
+export type PublishOutcome = { status: "published" } | { status: "queued" } | { status: "unavailable"; reason: string };
+
+export interface PublisherOptions {
+  bus: Bus;
+  store: RelayStore;
+  outboxMax: number;
+  metrics: RelayMetrics;
+  logger: Logger;
+}
+
+const FLUSH_BATCH = 256;
+const FLUSH_RETRY_MS = 1000;
+
+export class Publisher {
+  private readonly o: PublisherOptions;
+  private depth: number;
+  private flushing: Promise<void> | undefined;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private closed = false;
+
+  constructor(o: PublisherOptions) {
+    this.o = o;
+    this.depth = o.store.outboxDepth();
+    o.metrics.outboxDepth.set(this.depth);
+  }
+
+  get outboxDepth(): number {
+    return this.depth;
+  }
+
+  async publish(msg: BusMessage): Promise<PublishOutcome> {
+    // While anything is queued, new messages queue behind it: the outbox keeps publish order.
+    if (this.depth === 0 && this.o.bus.status().state === "connected") {
+      const started = performance.now();
+      try {
+        await this.o.bus.publish(msg);
+        this.o.metrics.publishLatency.observe((performance.now() - started) / 1000);
+        return { status: "published" };
+      } catch (err) {
+        if (!(err instanceof BusUnavailableError)) {
+          this.o.logger.error({ err, id: msg.id, kind: msg.kind }, "publish failed");
+          return { status: "unavailable", reason: `the bus refused the message: ${(err as Error).message}` };
+        }
+        this.o.logger.warn({ id: msg.id, reason: (err as Error).message }, "bus unavailable; queueing in the outbox");
+      }
+    }
+    return this.enqueue(msg);
+  }
+
+  /** Starts a flush if there is something to flush and none is running. */
+  kick(): void {
+    if (this.closed || this.flushing || this.depth === 0) return;
+    this.flushing = this.flush().finally(() => {
+      this.flushing = undefined;
+    });
+  }
+
+  /** Waits for a running flush to finish (used by drain). */
+  async settle(): Promise<void> {
+    await this.flushing;
+  }
+
+  close(): void {
+    this.closed = true;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+  }
+
+  private enqueue(msg: BusMessage): PublishOutcome {
+    if (this.depth >= this.o.outboxMax) {
+      return { status: "unavailable", reason: `the bus is unreachable and the outbox is full (${this.o.outboxMax} messages)` };
+    }
+    try {
+      this.o.store.enqueue(msg);
+    } catch (err) {
+      this.o.logger.error({ err, id: msg.id }, "could not write to the outbox");
+      return { status: "unavailable", reason: "the bus is unreachable and the outbox could not be written" };
+    }
+    this.depth++;
+    this.o.metrics.outboxDepth.set(this.depth);
+    this.kick();
+    return { status: "queued" };
+  }
+
+  private async flush(): Promise<void> {
+    while (!this.closed && this.depth > 0) {
+      if (this.o.bus.status().state !== "connected") return this.retryLater();
+      const batch = this.o.store.outboxHead(FLUSH_BATCH);
+      if (batch.length === 0) {
+        this.depth = 0;
+        break;
+      }
+      // Pipelined, and removed strictly in order: a failure stops at the first unsent row,
+      // so nothing behind it overtakes it.
+      const results = await Promise.allSettled(batch.map((m) => this.o.bus.publish(m)));
+      let sent = 0;
+      for (const r of results) {
+        if (r.status === "rejected") break;
+        sent++;
+      }
+      for (const m of batch.slice(0, sent)) this.o.store.outboxRemove(m.seq);
+      this.depth = this.o.store.outboxDepth();
+      this.o.metrics.outboxDepth.set(this.depth);
+      this.o.metrics.outboxFlushed.inc(sent);
+      if (sent < batch.length) {
+        const err = (results[sent] as PromiseRejectedResult).reason as Error;
+        this.o.logger.warn({ err: err.message, left: this.depth }, "outbox flush interrupted; will retry");
+        return this.retryLater();
+      }
+      if (sent > 0) this.o.logger.info({ sent, left: this.depth }, "outbox flushed");
+    }
+    this.o.metrics.outboxDepth.set(this.depth);
+  }
+
+  private retryLater(): void {
+    if (this.closed || this.retryTimer) return;
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      this.kick();
+    }, FLUSH_RETRY_MS);
+    this.retryTimer.unref();
+  }
+}

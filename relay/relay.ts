@@ -1,0 +1,285 @@
+// The relay: wires the bus, the controller-facing server, delivery and the store together.
+// Lifecycle: new → start() → running → stop() (drains) → closed.
+
+import net from "node:net";
+import type { Bus, Consumption, InboundMessage } from "./bus/bus.js";
+import { createBus } from "./bus/create.js";
+import type { RelayConfig } from "./config.js";
+import { DeliveryTracker } from "./delivery.js";
+import { LocalServer, type ControllerSession } from "./local-server.js";
+import type { Logger } from "./log.js";
+import { RelayMetrics } from "./metrics.js";
+import { CLOSE_NORMAL, CLOSE_SUPERSEDED, publishedFrame, readyFrame, type ClientFrame, type FrameError, type PublishFrame } from "./protocol.js";
+import { Publisher } from "./publisher.js";
+import { ReplayedMessage, ReplaySource } from "./replay.js";
+import { RelayStore } from "./store/store.js";
+
+export type RelayState = "new" | "starting" | "running" | "closing" | "closed";
+
+export class Relay {
+  readonly cfg: RelayConfig;
+  readonly metrics = new RelayMetrics();
+  private readonly log: Logger;
+  private _state: RelayState = "new";
+  private store: RelayStore | undefined;
+  private bus: Bus | undefined;
+  private server: LocalServer | undefined;
+  private publisher: Publisher | undefined;
+  private tracker: DeliveryTracker | undefined;
+  private replay: ReplaySource | undefined;
+  private session: ControllerSession | undefined;
+  private consumption: Consumption | undefined;
+  private consumptionStopping: Promise<void> = Promise.resolve();
+  private unsubscribeStatus: (() => void) | undefined;
+  private _address: { host: string; port: number } | undefined;
+
+  constructor(cfg: RelayConfig, logger: Logger) {
+    this.cfg = cfg;
+    this.log = logger;
+  }
+
+  get state(): RelayState {
+    return this._state;
+  }
+
+  /** The address the local server is bound to (the port is real even when 0 was asked for). */
+  get address(): { host: string; port: number } {
+    if (!this._address) throw new Error("relay not started");
+    return this._address;
+  }
+
+  /**
+   * Opens the store, starts the bus (stream and consumer in place), and listens. Throws with
+   * a message fit to print when any of it cannot be done; nothing is left running then.
+   */
+  async start(): Promise<void> {
+    if (this._state !== "new") throw new Error(`relay cannot start from state ${this._state}`);
+    this._state = "starting";
+    try {
+      this.store = RelayStore.open(this.cfg.dataDir);
+      this.bus = createBus(this.cfg, this.log);
+      await this.bus.start();
+      this.publisher = new Publisher({ bus: this.bus, store: this.store, outboxMax: this.cfg.outboxMax, metrics: this.metrics, logger: this.log });
+      this.tracker = new DeliveryTracker({
+        maxDeliver: this.cfg.maxDeliver,
+        ackWaitMs: this.cfg.ackWaitMs,
+        nackDelayMs: this.cfg.nackDelayMs,
+        metrics: this.metrics,
+        logger: this.log,
+        deadLetter: (msg, attempts, reason) => this.recordDeadLetter(msg, attempts, reason),
+      });
+      this.replay = new ReplaySource({ store: this.store, ackWaitMs: this.cfg.ackWaitMs, offer: (m) => this.tracker!.offer(m) });
+      this.unsubscribeStatus = this.bus.onStatus((s) => {
+        this.metrics.natsConnected.set(s.state === "connected" ? 1 : 0);
+        if (s.state === "connected") {
+          this.log.info("bus connected");
+          this.publisher?.kick();
+        } else if (s.state === "disconnected") this.log.warn({ reason: s.reason }, "bus disconnected");
+      });
+      this.metrics.natsConnected.set(this.bus.status().state === "connected" ? 1 : 0);
+      this.server = new LocalServer({
+        host: this.cfg.listenHost,
+        port: this.cfg.listenPort,
+        token: this.cfg.token,
+        allowOrigins: this.cfg.allowOrigins,
+        maxFrameBytes: this.cfg.maxFrameBytes,
+        logger: this.log,
+        hooks: {
+          readiness: () => this.readiness(),
+          metrics: async () => ({ contentType: this.metrics.registry.contentType, body: await this.metrics.registry.metrics() }),
+          sessionOpened: (s) => this.onSessionOpened(s),
+          sessionClosed: (s) => this.onSessionClosed(s),
+          frame: (s, f) => this.onFrame(s, f),
+          badFrame: (_s, e) => this.onBadFrame(e),
+        },
+      });
+      this._address = await this.server.listen();
+      this.warnIfExposed();
+      this.publisher.kick(); // whatever a previous run left queued
+      this._state = "running";
+      this.log.info(
+        { bus: this.bus.name, listen: `${this._address.host}:${this._address.port}`, stream: this.cfg.stream, outbox: this.publisher.outboxDepth },
+        "relay running",
+      );
+    } catch (err) {
+      await this.teardown();
+      this._state = "closed";
+      throw err;
+    }
+  }
+
+  /**
+   * Graceful drain: stop pulling, give in-flight deliveries up to --drain-timeout to be acked,
+   * hand the rest back to the bus for redelivery, close the controller session, disconnect.
+   * Queued outbox entries stay on disk for the next start.
+   */
+  async stop(): Promise<void> {
+    if (this._state === "closing" || this._state === "closed") return;
+    this._state = "closing";
+    this.log.info("draining");
+    this.replay?.stop();
+    await this.stopConsuming();
+    const idle = (await this.tracker?.waitIdle(this.cfg.drainTimeoutMs)) ?? true;
+    const released = this.tracker?.releaseAll() ?? 0;
+    if (!idle || released > 0) this.log.warn({ released }, "drain timeout: unacked deliveries handed back for redelivery");
+    await this.server?.close(CLOSE_NORMAL, "relay shutting down");
+    await this.publisher?.settle();
+    const outbox = this.publisher?.outboxDepth ?? 0;
+    await this.teardown();
+    this._state = "closed";
+    this.log.info({ outbox }, outbox > 0 ? "relay stopped; queued publishes stay in the outbox for the next start" : "relay stopped");
+  }
+
+  readiness(): { ready: boolean; reason?: string } {
+    if (this._state !== "running") return { ready: false, reason: `relay is ${this._state}` };
+    const s = this.bus!.status();
+    if (s.state !== "connected") return { ready: false, reason: `bus ${this.bus!.name} is ${s.state}${s.reason ? `: ${s.reason}` : ""}` };
+    return { ready: true };
+  }
+
+  // ---- controller session ----
+
+  private onSessionOpened(s: ControllerSession): void {
+    if (this._state !== "running") {
+      s.close(CLOSE_NORMAL, "relay shutting down");
+      return;
+    }
+    const previous = this.session;
+    if (previous) {
+      // The newest connection wins: a controller that reconnects after a network blip must not
+      // be locked out by its own half-dead old socket.
+      this.log.warn({ previous: previous.number, session: s.number }, "new controller session supersedes the previous one");
+      this.session = undefined;
+      this.tracker!.detach();
+      previous.close(CLOSE_SUPERSEDED, "superseded by a newer controller connection");
+    }
+    this.session = s;
+    this.metrics.controllerConnected.set(1);
+    s.send(readyFrame(this.cfg.instanceId, this.bus!.name));
+    this.tracker!.attach((frame) => s.send(frame));
+    this.startConsuming();
+    this.replay!.start();
+    this.log.info({ session: s.number }, "controller connected");
+  }
+
+  private onSessionClosed(s: ControllerSession): void {
+    if (this.session !== s) return;
+    this.session = undefined;
+    this.metrics.controllerConnected.set(0);
+    this.log.info({ session: s.number, parked: this.tracker!.inFlightCount }, "controller disconnected; pulling paused");
+    this.replay!.stop();
+    this.tracker!.detach();
+    void this.stopConsuming();
+  }
+
+  private onFrame(s: ControllerSession, f: ClientFrame): void {
+    if (s !== this.session) return; // a superseded socket still draining its input
+    const t = this.tracker!;
+    let result: "ok" | "unknown_delivery";
+    switch (f.type) {
+      case "publish":
+        void this.onPublish(s, f);
+        return;
+      case "ack":
+        result = t.ack(f.deliveryId);
+        break;
+      case "nack":
+        result = t.nack(f.deliveryId, f.delayMs);
+        break;
+      case "working":
+        result = t.working(f.deliveryId);
+        break;
+      case "reject":
+        result = t.reject(f.deliveryId, f.reason);
+        break;
+    }
+    if (result === "unknown_delivery") {
+      this.metrics.invalidFrames.inc();
+      s.sendError({ code: "unknown_delivery", message: `${f.type}: no delivery ${JSON.stringify(f.deliveryId)} is awaiting settlement (already settled, timed out or redelivered)` });
+    }
+  }
+
+  private onBadFrame(e: FrameError): void {
+    if (e.code === "forbidden_kind") {
+      this.metrics.forbiddenKind.inc();
+      this.log.warn({ id: e.id }, "refused to publish a credential-bearing kind");
+    } else this.metrics.invalidFrames.inc();
+  }
+
+  private async onPublish(s: ControllerSession, f: PublishFrame): Promise<void> {
+    if (this._state !== "running") {
+      this.metrics.unavailable.inc();
+      return s.sendError({ id: f.id, code: "unavailable", message: "the relay is shutting down" });
+    }
+    const outcome = await this.publisher!.publish({
+      id: f.id,
+      kind: f.kind,
+      origin: this.cfg.instanceId,
+      publishedAt: new Date().toISOString(),
+      payloadJson: f.payloadJson,
+    });
+    if (outcome.status === "unavailable") {
+      this.metrics.unavailable.inc();
+      s.sendError({ id: f.id, code: "unavailable", message: outcome.reason });
+      return;
+    }
+    this.metrics.published.inc();
+    s.send(publishedFrame(f.id, outcome.status === "queued"));
+  }
+
+  // ---- bus consumption ----
+
+  private startConsuming(): void {
+    if (this.consumption) return;
+    // A stop still under way must finish first, or two pull loops would share one consumer.
+    const begin = (): void => {
+      if (this.consumption || !this.session || this._state !== "running") return;
+      this.consumption = this.bus!.consume((m) => this.onBusMessage(m));
+    };
+    void this.consumptionStopping.then(begin);
+  }
+
+  private stopConsuming(): Promise<void> {
+    const c = this.consumption;
+    this.consumption = undefined;
+    if (c) this.consumptionStopping = this.consumptionStopping.then(() => c.stop()).catch((err) => {
+      this.log.warn({ err }, "stopping the bus consumer failed");
+    });
+    return this.consumptionStopping;
+  }
+
+  private onBusMessage(m: InboundMessage): void {
+    if (m.origin === this.cfg.instanceId) {
+      m.ack();
+      this.metrics.echoFiltered.inc();
+      return;
+    }
+    this.tracker!.offer(m);
+  }
+
+  private recordDeadLetter(msg: InboundMessage, attempts: number, reason: string): void {
+    if (msg instanceof ReplayedMessage) this.replay!.returnToDeadLetters(msg, reason);
+    else this.store!.addDeadLetter(msg, attempts, reason);
+  }
+
+  private warnIfExposed(): void {
+    const host = this.cfg.listenHost;
+    const loopback = host === "localhost" || (net.isIP(host) === 4 ? host.startsWith("127.") : host === "::1");
+    if (!loopback && !this.cfg.token)
+      this.log.warn(
+        { listen: `${host}:${this.cfg.listenPort}` },
+        "LISTENING ON A NON-LOOPBACK ADDRESS WITHOUT A TOKEN: anyone who can reach this port can publish and read notifications; set --token",
+      );
+  }
+
+  private async teardown(): Promise<void> {
+    this.unsubscribeStatus?.();
+    this.publisher?.close();
+    try {
+      await this.bus?.close();
+    } catch (err) {
+      this.log.warn({ err }, "closing the bus failed");
+    }
+    this.store?.close();
+  }
+}

@@ -1,0 +1,493 @@
+// npm run bench: the relay end to end against direct nats.js, on one throwaway nats-server, in one run.
+//
+// Paths (each message is acked end to end; every process is separate):
+//   direct  nats.js publisher (js.publish, pipelined) → JetStream → nats.js durable pull consumer
+//           (consume(), explicit ack): what a controller would do without the relay
+//   relay   controller A (RelayClient) → relay A → JetStream → relay B → controller B → ack
+//   sqlite  the same relay path on the embedded SQLite bus (two relays sharing one bus file)
+//
+// Per path and round: sustained throughput (--count messages, --concurrency publishes in flight),
+// then latency from the publish call to the receiving handler at a fixed offered rate (--rate for
+// --duration), the relays' peak RSS (VmHWM) and CPU seconds from /proc. Figures quoted are the
+// medians over --rounds rounds; ratios are relay ÷ direct of those medians.
+//
+// Other modes:
+//   --idle <s>       first-message latency after <s> seconds of silence (every path)
+//   --backlog <n>    <n> messages backlogged for a slow controller: the relays' peak RSS
+//
+//   npm run bench -- --quick --json bench.json
+//   npm run bench -- --rounds 5 --count 100000
+//   npm run bench -- --idle 60
+//   npm run bench -- --backlog 100000
+
+import fs from "node:fs";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { Command, InvalidArgumentError } from "commander";
+import { connect, nanos, type NatsConnection } from "@nats-io/transport-node";
+import { AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
+import { forkChild, machineInfo, procStats, startNatsServer, startRelay, tempDir, type Child, type NatsServerProc, type RelayProc } from "./lib/procs.js";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const CONTROLLER = path.join(here, "bench-controller.js");
+
+type PathName = "direct" | "relay" | "sqlite";
+const ALL_PATHS: PathName[] = ["direct", "relay", "sqlite"];
+
+// The direct baseline mirrors the relay's stream and consumer settings (relay/bus/jetstream.ts).
+const DIRECT_STREAM = "BENCH_DIRECT";
+const DIRECT_SUBJECT = "bench.direct.BenchEvent";
+const DIRECT_CONSUMER = "bench-direct";
+const RELAY_STREAM = "UPTRAKIT_PUSH";
+const RELAY_DEFAULT_MAX_IN_FLIGHT = 256;
+
+// ---- options -------------------------------------------------------------------------------------
+
+function int(min: number) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min) throw new InvalidArgumentError(`expected a whole number ≥ ${min}`);
+    return n;
+  };
+}
+function num(min: number) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isFinite(n) || n < min) throw new InvalidArgumentError(`expected a number ≥ ${min}`);
+    return n;
+  };
+}
+
+const program = new Command("bench")
+  .description("benchmark the relay end to end against direct nats.js")
+  .option("--count <n>", "messages per throughput measurement", int(1))
+  .option("--size <bytes>", "payload size (JSON text)", int(1), 512)
+  .option("--concurrency <n>", "publishes in flight (throughput)", int(1), 256)
+  .option("--rate <msg/s>", "offered rate for the latency measurement", num(1), 1000)
+  .option("--duration <s>", "length of the latency measurement", num(0.1))
+  .option("--rounds <n>", "rounds; figures are medians", int(1))
+  .option("--warmup <n>", "messages sent before measuring, per path and round", int(0))
+  .option("--paths <list>", "comma-separated subset of direct,relay,sqlite", "direct,relay,sqlite")
+  .option("--json <file>", "also write the figures as JSON")
+  .option("--quick", "small counts, one round, short duration (< 30 s)")
+  .option("--relay-args <args>", "extra arguments for every relay (space-separated), e.g. \"--max-in-flight 512\"")
+  .option("--profile <dir>", "run the relays under node --cpu-prof, profiles written to <dir>")
+  .option("--idle <s>", "instead: first-message latency after <s> seconds of silence", num(0))
+  .option("--idle-samples <n>", "idle periods to measure (--idle)", int(1), 1)
+  .option("--backlog <n>", "instead: backlog <n> messages for a slow controller and report relay RSS", int(1))
+  .option("--slow-rate <msg/s>", "how fast the slow controller settles (--backlog)", num(1), 500)
+  .option("--hold <s>", "how long the slow controller keeps the backlog before draining (--backlog)", num(0), 10)
+  .parse();
+
+interface Options {
+  count?: number;
+  size: number;
+  concurrency: number;
+  rate: number;
+  duration?: number;
+  rounds?: number;
+  warmup?: number;
+  paths: string;
+  json?: string;
+  quick?: boolean;
+  relayArgs?: string;
+  profile?: string;
+  idle?: number;
+  idleSamples: number;
+  backlog?: number;
+  slowRate: number;
+  hold: number;
+}
+const o = program.opts<Options>();
+const quick = o.quick === true;
+const settings = {
+  count: o.count ?? (quick ? 3_000 : 50_000),
+  size: o.size,
+  concurrency: o.concurrency,
+  rate: o.rate,
+  durationS: o.duration ?? (quick ? 2 : 10),
+  rounds: o.rounds ?? (quick ? 1 : 3),
+  warmup: o.warmup ?? (quick ? 500 : 5_000),
+  paths: o.paths.split(",").map((s) => s.trim()).filter(Boolean) as PathName[],
+  relayArgs: o.relayArgs ? o.relayArgs.split(/\s+/).filter(Boolean) : [],
+};
+for (const p of settings.paths) if (!ALL_PATHS.includes(p)) program.error(`unknown path ${JSON.stringify(p)} in --paths`);
+const relayNodeArgs = o.profile ? ["--cpu-prof", "--cpu-prof-dir", path.resolve(o.profile)] : [];
+if (o.profile) fs.mkdirSync(path.resolve(o.profile), { recursive: true });
+
+const log = (s: string): void => void process.stderr.write(`${s}\n`);
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+// ---- statistics ------------------------------------------------------------------------------------
+
+function percentile(sorted: Float64Array | number[], q: number): number {
+  if (sorted.length === 0) return NaN;
+  const i = Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1));
+  return sorted[i]!;
+}
+
+function median(xs: number[]): number {
+  const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  if (s.length === 0) return NaN;
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+const round2 = (x: number, d = 3): number => (Number.isFinite(x) ? Number(x.toFixed(d)) : x);
+
+// ---- one path's processes ------------------------------------------------------------------------
+
+interface Rig {
+  name: PathName;
+  pub: Child;
+  sub: Child;
+  relays: RelayProc[];
+  stop(): Promise<void>;
+}
+
+let runCounter = 0;
+const nextRun = (tag: string): string => `${tag}${(runCounter++).toString(36)}`;
+
+async function initChild(c: Child, init: object): Promise<void> {
+  c.send({ op: "init", ...init });
+  const m = await c.next((m) => m.op === "ready" || (m.op === "error" && m.for === "init"), 30_000);
+  if (m.op === "error") throw new Error(`controller init failed: ${String(m.message)}`);
+}
+
+async function resetDirect(jsm: JetStreamManager): Promise<void> {
+  await jsm.streams.delete(DIRECT_STREAM).catch(() => false);
+  await jsm.streams.add({
+    name: DIRECT_STREAM,
+    subjects: ["bench.direct.>"],
+    storage: StorageType.File,
+    retention: RetentionPolicy.Limits,
+    discard: DiscardPolicy.Old,
+    max_age: nanos(86_400_000),
+    duplicate_window: nanos(120_000),
+    num_replicas: 1,
+  });
+  await jsm.consumers.add(DIRECT_STREAM, {
+    durable_name: DIRECT_CONSUMER,
+    ack_policy: AckPolicy.Explicit,
+    deliver_policy: DeliverPolicy.New,
+    filter_subject: "bench.direct.>",
+    ack_wait: nanos(30_000),
+    max_deliver: 3,
+    max_ack_pending: RELAY_DEFAULT_MAX_IN_FLIGHT,
+  });
+}
+
+async function startRig(name: PathName, nats: NatsServerProc, jsm: JetStreamManager, tag: string): Promise<Rig> {
+  const relays: RelayProc[] = [];
+  const children: Child[] = [];
+  const stop = async (): Promise<void> => {
+    await Promise.all(children.map((c) => c.stop()));
+    await Promise.all(relays.map((r) => r.stop()));
+  };
+  try {
+    const pub = forkChild(CONTROLLER);
+    const sub = forkChild(CONTROLLER);
+    children.push(pub, sub);
+    if (name === "direct") {
+      await resetDirect(jsm);
+      await initChild(sub, { role: "direct-sub", natsUrl: nats.url, stream: DIRECT_STREAM, consumer: DIRECT_CONSUMER, maxMessages: RELAY_DEFAULT_MAX_IN_FLIGHT });
+      await initChild(pub, { role: "direct-pub", natsUrl: nats.url, subject: DIRECT_SUBJECT });
+    } else {
+      let bus: { natsUrl?: string; busFile?: string };
+      if (name === "relay") {
+        // A fresh stream each time: every round starts from the same state.
+        await jsm.streams.delete(RELAY_STREAM).catch(() => false);
+        bus = { natsUrl: nats.url };
+      } else {
+        bus = { busFile: path.join(tempDir("uptrakit-bench-bus-"), "bus.db") };
+      }
+      const started = await Promise.allSettled(
+        ["a", "b"].map((x) => startRelay({ instanceId: `bench-${tag}-${x}`, ...bus, args: settings.relayArgs, nodeArgs: relayNodeArgs })),
+      );
+      for (const s of started) if (s.status === "fulfilled") relays.push(s.value);
+      const failed = started.find((s) => s.status === "rejected") as PromiseRejectedResult | undefined;
+      if (failed) throw failed.reason;
+      await initChild(sub, { role: "relay", url: relays[1]!.wsUrl });
+      await initChild(pub, { role: "relay", url: relays[0]!.wsUrl });
+    }
+    return { name, pub, sub, relays, stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
+
+interface Received {
+  count: number;
+  dups: number;
+  strays: number;
+  first: number;
+  last: number;
+  lat?: number[];
+}
+interface Sent {
+  t0: number;
+  t1: number;
+  failed: number;
+}
+
+/** Sends `count` messages (windowed, or paced at `rate`) and waits until the other side has all. */
+async function transfer(rig: Rig, count: number, mode: { rate: number } | { concurrency: number }, collect: boolean, timeoutMs: number): Promise<{ sent: Sent; recv: Received }> {
+  const run = nextRun("r");
+  rig.sub.send({ op: "expect", run, count, collect });
+  await rig.sub.next((m) => m.op === "expecting" && m.run === run, 10_000);
+  const recvP = rig.sub.next<Received>((m) => m.op === "received" && m.run === run, timeoutMs);
+  if ("rate" in mode) rig.pub.send({ op: "pace", run, count, size: settings.size, rate: mode.rate });
+  else rig.pub.send({ op: "send", run, count, size: settings.size, concurrency: mode.concurrency });
+  const sentP = rig.pub.next<Sent>((m) => (m.op === "sent" && m.run === run) || m.op === "error", timeoutMs);
+  const [sent, recv] = await Promise.all([sentP, recvP.catch(async (err: Error) => {
+    rig.sub.send({ op: "progress" });
+    const p = await rig.sub.next((m) => m.op === "progress", 5_000).catch(() => undefined);
+    throw new Error(`${rig.name}: ${err.message}; received ${p ? String(p.got) : "?"} of ${count}${rig.relays.length ? `\n${rig.relays.map((r) => r.tail().slice(-1500)).join("\n")}` : ""}`);
+  })]);
+  if ((sent as unknown as { op: string }).op === "error") throw new Error(`${rig.name}: publisher failed: ${String((sent as unknown as { message: string }).message)}`);
+  return { sent, recv };
+}
+
+// ---- the main benchmark -----------------------------------------------------------------------------
+
+interface PathResult {
+  throughput: number;
+  p50: number;
+  p90: number;
+  p99: number;
+  max: number;
+  rssMb?: number;
+  [extra: string]: number | undefined;
+}
+
+function cpuOf(pids: number[]): number {
+  return pids.reduce((sum, pid) => sum + (procStats(pid)?.cpuSeconds ?? 0), 0);
+}
+
+async function measurePath(name: PathName, nats: NatsServerProc, jsm: JetStreamManager, round: number): Promise<PathResult> {
+  const rig = await startRig(name, nats, jsm, `${round}${name[0]}`);
+  try {
+    const conc = { concurrency: settings.concurrency };
+    const tpTimeout = 120_000 + settings.count * 5;
+    if (settings.warmup > 0) await transfer(rig, settings.warmup, conc, false, 60_000 + settings.warmup * 5);
+    const relayPids = rig.relays.map((r) => r.pid);
+    const clientPids = [rig.pub.pid, rig.sub.pid];
+
+    // Sustained throughput: first publish call → last message handled on the other side.
+    const c0 = { relays: cpuOf(relayPids), nats: cpuOf([nats.pid]), clients: cpuOf(clientPids) };
+    const tp = await transfer(rig, settings.count, conc, false, tpTimeout);
+    const c1 = { relays: cpuOf(relayPids), nats: cpuOf([nats.pid]), clients: cpuOf(clientPids) };
+    const throughput = (settings.count * 1000) / (tp.recv.last - tp.sent.t0);
+
+    // Latency at a fixed offered rate.
+    const n = Math.max(1, Math.round(settings.rate * settings.durationS));
+    const lt = await transfer(rig, n, { rate: settings.rate }, true, settings.durationS * 1000 + 60_000);
+    const c2 = { relays: cpuOf(relayPids), nats: cpuOf([nats.pid]), clients: cpuOf(clientPids) };
+    const lat = Float64Array.from(lt.recv.lat ?? []).sort();
+
+    const r: PathResult = {
+      throughput,
+      p50: percentile(lat, 0.5),
+      p90: percentile(lat, 0.9),
+      p99: percentile(lat, 0.99),
+      max: lat.length ? lat[lat.length - 1]! : NaN,
+      mean: lat.reduce((a, b) => a + b, 0) / Math.max(1, lat.length),
+      duplicates: tp.recv.dups + lt.recv.dups,
+      publishRetries: tp.sent.failed + lt.sent.failed,
+      natsCpuSecondsThroughput: c1.nats - c0.nats,
+      clientCpuSecondsThroughput: c1.clients - c0.clients,
+      natsCpuSecondsLatency: c2.nats - c1.nats,
+      clientCpuSecondsLatency: c2.clients - c1.clients,
+    };
+    if (rig.relays.length > 0) {
+      const stats = rig.relays.map((x) => procStats(x.pid));
+      r.rssMb = Math.max(...stats.map((s) => s?.hwmMb ?? NaN));
+      r.rssMbA = stats[0]?.hwmMb;
+      r.rssMbB = stats[1]?.hwmMb;
+      r.cpuSeconds = c2.relays - c0.relays;
+      r.relayCpuSecondsThroughput = c1.relays - c0.relays;
+      r.relayCpuSecondsLatency = c2.relays - c1.relays;
+      r.relayCpuUsPerMsg = ((c1.relays - c0.relays) * 1e6) / settings.count;
+    }
+    return r;
+  } finally {
+    await rig.stop();
+  }
+}
+
+function summarise(rounds: Array<Partial<Record<PathName, PathResult>>>): Partial<Record<PathName, PathResult>> {
+  const out: Partial<Record<PathName, PathResult>> = {};
+  for (const p of settings.paths) {
+    const rs = rounds.map((r) => r[p]).filter((x): x is PathResult => x !== undefined);
+    if (rs.length === 0) continue;
+    const keys = Object.keys(rs[0]!);
+    const m: Record<string, number> = {};
+    for (const k of keys) m[k] = round2(median(rs.map((r) => r[k] as number)), k === "throughput" ? 0 : 3);
+    out[p] = m as PathResult;
+  }
+  return out;
+}
+
+function table(res: Partial<Record<PathName, PathResult>>, ratios: Record<string, number> | undefined): string {
+  const rows: string[][] = [["path", "msg/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "relay RSS MB", "relay CPU s", "relay CPU µs/msg"]];
+  for (const p of settings.paths) {
+    const r = res[p];
+    if (!r) continue;
+    const f = (x: number | undefined, d = 3): string => (x === undefined || !Number.isFinite(x) ? "-" : x.toFixed(d));
+    rows.push([p, f(r.throughput, 0), f(r.p50), f(r.p90), f(r.p99), f(r.max), f(r.rssMb, 1), f(r.cpuSeconds, 2), f(r.relayCpuUsPerMsg, 1)]);
+  }
+  const w = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  const lines = rows.map((r) => r.map((c, i) => (i === 0 ? c.padEnd(w[i]!) : c.padStart(w[i]!))).join("  "));
+  lines.splice(1, 0, w.map((n) => "-".repeat(n)).join("  "));
+  if (ratios) lines.push("", `relay ÷ direct: throughput ${ratios.throughput!.toFixed(3)}  p50 ${ratios.p50!.toFixed(3)}  p99 ${ratios.p99!.toFixed(3)}`);
+  return lines.join("\n");
+}
+
+async function benchMain(nats: NatsServerProc, jsm: JetStreamManager): Promise<Record<string, unknown>> {
+  const rounds: Array<Partial<Record<PathName, PathResult>>> = [];
+  for (let round = 1; round <= settings.rounds; round++) {
+    const r: Partial<Record<PathName, PathResult>> = {};
+    for (const p of settings.paths) {
+      log(`round ${round}/${settings.rounds}: ${p} ...`);
+      r[p] = await measurePath(p, nats, jsm, round);
+      const x = r[p]!;
+      log(
+        `  ${p}: ${x.throughput.toFixed(0)} msg/s  p50 ${x.p50.toFixed(3)}  p90 ${x.p90.toFixed(3)}  p99 ${x.p99.toFixed(3)}  max ${x.max.toFixed(3)} ms` +
+          (x.rssMb !== undefined ? `  rss ${x.rssMb.toFixed(1)} MB  relay cpu ${x.cpuSeconds!.toFixed(2)} s (${x.relayCpuUsPerMsg!.toFixed(1)} µs/msg)` : ""),
+      );
+    }
+    rounds.push(r);
+  }
+  const med = summarise(rounds);
+  const ratio = (k: "throughput" | "p50" | "p99"): number => round2(med.relay![k] / med.direct![k], 4);
+  const ratios = med.relay && med.direct ? { throughput: ratio("throughput"), p50: ratio("p50"), p99: ratio("p99") } : undefined;
+  const perRound = rounds.map((r) =>
+    r.relay && r.direct ? { throughput: round2(r.relay.throughput / r.direct.throughput, 4), p50: round2(r.relay.p50 / r.direct.p50, 4), p99: round2(r.relay.p99 / r.direct.p99, 4) } : undefined,
+  );
+  process.stdout.write(`\n${table(med, ratios)}\n`);
+  process.stdout.write(`(medians of ${settings.rounds} round${settings.rounds === 1 ? "" : "s"}; ${settings.count} msgs × ${settings.size} B, concurrency ${settings.concurrency}; latency at ${settings.rate} msg/s for ${settings.durationS} s)\n`);
+  return {
+    ...med,
+    ...(ratios ? { ratios } : {}),
+    roundRatios: perRound,
+    rounds: rounds.map((r) => Object.fromEntries(Object.entries(r).map(([k, v]) => [k, Object.fromEntries(Object.entries(v!).map(([kk, vv]) => [kk, round2(vv as number, 4)]))]))),
+  };
+}
+
+// ---- idle: the first message after silence -----------------------------------------------------------
+
+async function benchIdle(nats: NatsServerProc, jsm: JetStreamManager, idleS: number): Promise<Record<string, unknown>> {
+  const rigs: Rig[] = [];
+  try {
+    for (const p of settings.paths) rigs.push(await startRig(p, nats, jsm, `i${p[0]}`));
+    for (const rig of rigs) await transfer(rig, Math.min(settings.warmup, 2_000) || 1, { concurrency: settings.concurrency }, false, 60_000);
+    const samples: Record<string, number[]> = Object.fromEntries(rigs.map((r) => [r.name, []]));
+    for (let i = 0; i < o.idleSamples; i++) {
+      log(`idle ${idleS} s (sample ${i + 1}/${o.idleSamples}) ...`);
+      await sleep(idleS * 1000);
+      for (const rig of rigs) {
+        const { recv } = await transfer(rig, 1, { rate: 1 }, true, 30_000);
+        samples[rig.name]!.push(recv.lat![0]!);
+        log(`  ${rig.name}: first message after ${idleS} s idle: ${recv.lat![0]!.toFixed(3)} ms`);
+        await sleep(100);
+      }
+    }
+    const out: Record<string, unknown> = { idleSeconds: idleS, samples };
+    for (const [k, v] of Object.entries(samples)) out[k] = { median: round2(median(v)), max: round2(Math.max(...v)) };
+    process.stdout.write(`\nfirst message after ${idleS} s of silence (ms; ${o.idleSamples} sample${o.idleSamples === 1 ? "" : "s"}):\n`);
+    for (const [k, v] of Object.entries(samples)) process.stdout.write(`  ${k.padEnd(7)} median ${median(v).toFixed(3)}  max ${Math.max(...v).toFixed(3)}  [${v.map((x) => x.toFixed(2)).join(", ")}]\n`);
+    return { idle: out };
+  } finally {
+    for (const r of rigs) await r.stop();
+  }
+}
+
+// ---- backlog: a slow controller, many messages waiting --------------------------------------------------
+
+async function benchBacklog(nats: NatsServerProc, jsm: JetStreamManager, n: number): Promise<Record<string, unknown>> {
+  const out: Record<string, unknown> = {};
+  for (const p of settings.paths.filter((x) => x !== "direct")) {
+    log(`backlog ${n} on ${p} (slow controller at ${o.slowRate} msg/s) ...`);
+    const rig = await startRig(p, nats, jsm, `b${p[0]}`);
+    try {
+      const peak = { a: 0, b: 0 };
+      const sampler = setInterval(() => {
+        const [a, b] = rig.relays.map((r) => procStats(r.pid));
+        peak.a = Math.max(peak.a, a?.rssMb ?? 0);
+        peak.b = Math.max(peak.b, b?.rssMb ?? 0);
+      }, 100);
+      rig.sub.send({ op: "slow", rate: o.slowRate });
+      await rig.sub.next((m) => m.op === "slowed", 10_000);
+      const run = nextRun("b");
+      rig.sub.send({ op: "expect", run, count: n, collect: false });
+      await rig.sub.next((m) => m.op === "expecting", 10_000);
+      const recvP = rig.sub.next<Received>((m) => m.op === "received" && m.run === run, 3_600_000);
+      rig.pub.send({ op: "send", run, count: n, size: settings.size, concurrency: settings.concurrency });
+      const sent = await rig.pub.next<Sent>((m) => m.op === "sent" || m.op === "error", 3_600_000);
+      rig.sub.send({ op: "progress" });
+      const atSent = await rig.sub.next<{ got: number }>((m) => m.op === "progress", 10_000);
+      log(`  published ${n} in ${((sent.t1 - sent.t0) / 1000).toFixed(1)} s; controller has ${atSent.got}; holding ${o.hold} s`);
+      await sleep(o.hold * 1000);
+      rig.sub.send({ op: "progress" });
+      const atHold = await rig.sub.next<{ got: number }>((m) => m.op === "progress", 10_000);
+      const before = rig.relays.map((r) => procStats(r.pid));
+      rig.sub.send({ op: "slow", rate: 0 });
+      const t = Date.now();
+      const recv = await recvP;
+      clearInterval(sampler);
+      const after = rig.relays.map((r) => procStats(r.pid));
+      const r = {
+        messages: n,
+        publishSeconds: round2((sent.t1 - sent.t0) / 1000),
+        backlogWhileSlow: n - atHold.got,
+        drainSeconds: round2((Date.now() - t) / 1000),
+        duplicates: recv.dups,
+        peakRssMbA: round2(Math.max(after[0]?.hwmMb ?? 0, peak.a), 1),
+        peakRssMbB: round2(Math.max(after[1]?.hwmMb ?? 0, peak.b), 1),
+        rssMbBWhileBacklogged: round2(before[1]?.rssMb ?? NaN, 1),
+        rssMb: round2(Math.max(after[0]?.hwmMb ?? 0, after[1]?.hwmMb ?? 0, peak.a, peak.b), 1),
+      };
+      out[p] = r;
+      process.stdout.write(
+        `${p}: ${n} msgs published in ${r.publishSeconds} s; backlog while slow ${r.backlogWhileSlow}; drained in ${r.drainSeconds} s; ` +
+          `peak RSS relay A ${r.peakRssMbA} MB, relay B ${r.peakRssMbB} MB (B while backlogged ${r.rssMbBWhileBacklogged} MB); duplicates ${r.duplicates}\n`,
+      );
+    } finally {
+      await rig.stop();
+    }
+  }
+  return { backlog: out };
+}
+
+// ---- main -------------------------------------------------------------------------------------------
+
+async function main(): Promise<void> {
+  const started = Date.now();
+  const machine = machineInfo();
+  log(`machine: ${machine.nproc} cores (${machine.cpu}), node ${machine.node}, ${machine.natsServer}`);
+  const nats = await startNatsServer();
+  let nc: NatsConnection | undefined;
+  let result: Record<string, unknown>;
+  try {
+    nc = await connect({ servers: nats.url, name: "bench" });
+    const jsm = await jetstreamManager(nc);
+    if (o.idle !== undefined) result = await benchIdle(nats, jsm, o.idle);
+    else if (o.backlog !== undefined) result = await benchBacklog(nats, jsm, o.backlog);
+    else result = await benchMain(nats, jsm);
+  } finally {
+    await nc?.close().catch(() => undefined);
+    await nats.stop();
+  }
+  const doc = { ...result, machine, settings: { ...settings, quick }, seconds: round2((Date.now() - started) / 1000, 1) };
+  if (o.json) fs.writeFileSync(o.json, JSON.stringify(doc, null, 2) + "\n");
+  log(`done in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+}
+
+main().then(
+  () => process.exit(0),
+  (err: unknown) => {
+    process.stderr.write(`bench failed: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,460 @@
+// JetStream-specific behaviour of JetStreamBus against real nats-server processes (see
+// helpers/nats-server.ts): start-up failures, idempotent stream/consumer creation, dedup,
+// header mapping, redelivery, outages and server restarts. The behaviour every bus shares is
+// in the conformance suite.
+
+import t, { type Test } from "tap";
+import net from "node:net";
+import { connect, nanos } from "@nats-io/transport-node";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { BusStartError, BusUnavailableError, type BusMessage, type BusSettings, type BusStatus, type InboundMessage } from "../relay/bus/bus.js";
+import { JetStreamBus } from "../relay/bus/jetstream.js";
+import type { NatsAuth } from "../relay/config.js";
+import { createLogger } from "../relay/log.js";
+import { freePort, startNatsServer, type NatsServer } from "./helpers/nats-server.js";
+
+const STREAM = "UPTRAKIT_TEST";
+
+/** Queue with awaitable, predicate-matched takes: no fixed sleeps. */
+class Inbox<T> {
+  private items: T[] = [];
+  private waiters: { match: (v: T) => boolean; resolve: (v: T) => void }[] = [];
+  push = (v: T): void => {
+    const i = this.waiters.findIndex((w) => w.match(v));
+    if (i >= 0) this.waiters.splice(i, 1)[0]!.resolve(v);
+    else this.items.push(v);
+  };
+  take(match: (v: T) => boolean = () => true, timeoutMs = 5000, what = "item"): Promise<T> {
+    const i = this.items.findIndex(match);
+    if (i >= 0) return Promise.resolve(this.items.splice(i, 1)[0]!);
+    return new Promise<T>((resolve, reject) => {
+      const w = {
+        match,
+        resolve: (v: T) => {
+          clearTimeout(timer);
+          resolve(v);
+        },
+      };
+      const timer = setTimeout(() => {
+        this.waiters.splice(this.waiters.indexOf(w), 1);
+        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`));
+      }, timeoutMs);
+      this.waiters.push(w);
+    });
+  }
+  /** True if nothing matching arrives within ms (a deliberate "nothing happens" check). */
+  async none(match: (v: T) => boolean, ms: number): Promise<boolean> {
+    return this.take(match, ms).then(() => false, () => true);
+  }
+}
+
+let seqNo = 0;
+function message(over: Partial<BusMessage> = {}): BusMessage {
+  seqNo++;
+  return {
+    id: `m-${seqNo}`,
+    kind: "DeviceChanged",
+    origin: "relay-a",
+    publishedAt: new Date().toISOString(),
+    payloadJson: JSON.stringify({ n: seqNo }),
+    ...over,
+  };
+}
+
+function newBus(t: Tap, urls: string | string[], over: Partial<BusSettings> & { auth?: NatsAuth; replicas?: number } = {}): JetStreamBus {
+  const { auth, replicas, ...settings } = over;
+  const instanceId = settings.instanceId ?? "relay-a";
+  const bus = new JetStreamBus({
+    instanceId,
+    stream: STREAM,
+    ackWaitMs: 5_000,
+    maxDeliver: 3,
+    maxInFlight: 64,
+    maxAgeMs: 3_600_000,
+    inactiveThresholdMs: 7_200_000,
+    ...settings,
+    urls: Array.isArray(urls) ? urls : [urls],
+    replicas: replicas ?? 1,
+    auth: auth ?? {},
+    logger: createLogger("silent", instanceId),
+  });
+  t.teardown(() => bus.close());
+  return bus;
+}
+
+async function server(t: Tap, opts?: Parameters<typeof startNatsServer>[0]): Promise<NatsServer> {
+  const s = await startNatsServer(opts);
+  t.teardown(() => s.stop());
+  return s;
+}
+
+/** Starts consuming into an Inbox; the consumption is stopped at teardown. */
+function collect(t: Tap, bus: JetStreamBus): Inbox<InboundMessage> {
+  const inbox = new Inbox<InboundMessage>();
+  const c = bus.consume(inbox.push);
+  t.teardown(() => c.stop());
+  return inbox;
+}
+
+function statuses(t: Tap, bus: JetStreamBus): Inbox<BusStatus> {
+  const inbox = new Inbox<BusStatus>();
+  t.teardown(bus.onStatus(inbox.push));
+  return inbox;
+}
+
+type Tap = Test;
+
+async function startError(bus: JetStreamBus): Promise<{ err: unknown; ms: number }> {
+  const t0 = Date.now();
+  try {
+    await bus.start();
+  } catch (err) {
+    return { err, ms: Date.now() - t0 };
+  }
+  throw new Error("start() unexpectedly succeeded");
+}
+
+// ---- start-up ---------------------------------------------------------------------------------
+
+t.test("start-up failures say which problem and where", async (t) => {
+  t.jobs = 4;
+
+  t.test("nothing listening: cannot reach, at once", async (t) => {
+    const url = `nats://127.0.0.1:${await freePort()}`;
+    const { err, ms } = await startError(newBus(t, url));
+    t.type(err, BusStartError);
+    t.match((err as Error).message, /^cannot reach NATS at nats:\/\/127\.0\.0\.1:\d+: /);
+    t.ok((err as Error).message.includes(url), "names the URL");
+    t.ok(ms < 15_000, `failed after ${ms} ms`);
+  });
+
+  t.test("a peer that never answers: cannot reach, after the connect timeout", async (t) => {
+    // Accepts TCP but never sends INFO, like a black-holed server.
+    const silent = net.createServer(() => undefined);
+    await new Promise<void>((r) => silent.listen(0, "127.0.0.1", r));
+    t.teardown(() => new Promise<void>((r) => silent.close(() => r())));
+    const sockets: net.Socket[] = [];
+    silent.on("connection", (s) => sockets.push(s));
+    t.teardown(() => sockets.forEach((s) => s.destroy()));
+    const url = `nats://127.0.0.1:${(silent.address() as net.AddressInfo).port}`;
+    const bus = newBus(t, url);
+    const { err, ms } = await startError(bus);
+    t.type(err, BusStartError);
+    t.ok((err as Error).message.startsWith(`cannot reach NATS at ${url}: `), (err as Error).message);
+    t.ok(ms < 7_000, `failed after ${ms} ms`);
+    t.equal(bus.status().state, "disconnected");
+  });
+
+  t.test("server without -js: JetStream is not enabled", async (t) => {
+    const s = await server(t, { jetstream: false });
+    const { err, ms } = await startError(newBus(t, s.url));
+    t.type(err, BusStartError);
+    t.match((err as Error).message, `JetStream is not enabled on the NATS server at ${s.url}`);
+    t.ok(ms < 15_000, `failed after ${ms} ms`);
+  });
+
+  t.test("wrong credentials are refused; the right ones work", async (t) => {
+    const s = await server(t, { args: ["--user", "relay", "--pass", "s3cret"] });
+    for (const auth of [{ user: "relay", pass: "wrong" }, {}]) {
+      const { err } = await startError(newBus(t, s.url, { auth }));
+      t.type(err, BusStartError);
+      t.match((err as Error).message, `NATS at ${s.url} refused the credentials: `);
+      t.match((err as Error).message, /authorization violation/i);
+    }
+    const ok = newBus(t, s.url, { auth: { user: "relay", pass: "s3cret" } });
+    await ok.start();
+    t.equal(ok.status().state, "connected");
+  });
+
+  t.test("an unreadable seed file names the file", async (t) => {
+    const s = await server(t);
+    const { err } = await startError(newBus(t, s.url, { auth: { nkeySeedFile: "does-not-exist.nk" } }));
+    t.type(err, BusStartError);
+    t.match((err as Error).message, "does-not-exist.nk");
+  });
+});
+
+t.test("stream and consumer creation", async (t) => {
+  t.jobs = 3;
+
+  t.test("six relays starting at once on a fresh server all succeed", async (t) => {
+    const s = await server(t);
+    const buses = Array.from({ length: 6 }, (_, i) => newBus(t, s.url, { instanceId: `relay-${i}` }));
+    const results = await Promise.allSettled(buses.map((b) => b.start()));
+    t.same(results.map((r) => r.status), Array(6).fill("fulfilled"), JSON.stringify(results.filter((r) => r.status === "rejected")));
+    const info = await buses[0]!.info();
+    t.equal(info.bus, "jetstream");
+    t.equal(info.stream, STREAM);
+    t.equal(info.consumer?.name, "relay-0");
+    const nc = await connect({ servers: s.url });
+    t.teardown(() => nc.close());
+    const jsm = await jetstreamManager(nc);
+    const consumers = await jsm.consumers.list(STREAM).next();
+    t.same(consumers.map((c) => c.name).sort(), buses.map((_, i) => `relay-${i}`));
+    const cfg = (await jsm.streams.info(STREAM)).config;
+    t.same(cfg.subjects, ["uptrakit.push.>"]);
+    t.equal(cfg.storage, "file");
+    t.equal(cfg.duplicate_window, nanos(120_000));
+    t.equal(cfg.max_age, nanos(3_600_000));
+  });
+
+  t.test("changed retention updates the stream; changed ack wait updates the consumer", async (t) => {
+    const s = await server(t);
+    await newBus(t, s.url, { maxAgeMs: 3_600_000, ackWaitMs: 5_000 }).start();
+    // Another start of the same instance with new settings: both win, deliver policy stays.
+    await newBus(t, s.url, { maxAgeMs: 7_200_000, ackWaitMs: 9_000, maxDeliver: 5 }).start();
+    const nc = await connect({ servers: s.url });
+    t.teardown(() => nc.close());
+    const jsm = await jetstreamManager(nc);
+    t.equal((await jsm.streams.info(STREAM)).config.max_age, nanos(7_200_000));
+    const ci = await jsm.consumers.info(STREAM, "relay-a");
+    t.equal(ci.config.ack_wait, nanos(9_000));
+    t.equal(ci.config.max_deliver, 5);
+    t.equal(ci.config.deliver_policy, "new");
+  });
+
+  t.test("a stream whose subjects overlap ours is a clear start-up error", async (t) => {
+    const s = await server(t);
+    const nc = await connect({ servers: s.url });
+    t.teardown(() => nc.close());
+    const jsm = await jetstreamManager(nc);
+    await jsm.streams.add({ name: "SOMEONE_ELSE", subjects: ["uptrakit.>"] });
+    const { err } = await startError(newBus(t, s.url));
+    t.type(err, BusStartError);
+    t.match((err as Error).message, /overlap/);
+    t.match((err as Error).message, STREAM);
+  });
+
+  t.test("a same-named stream with other subjects is a clear start-up error", async (t) => {
+    const s = await server(t);
+    const nc = await connect({ servers: s.url });
+    t.teardown(() => nc.close());
+    const jsm = await jetstreamManager(nc);
+    await jsm.streams.add({ name: STREAM, subjects: ["other.>"] });
+    const { err } = await startError(newBus(t, s.url));
+    t.type(err, BusStartError);
+    t.match((err as Error).message, /incompatible configuration: subjects are \[other\.>\]/);
+  });
+});
+
+// ---- publish and consume ------------------------------------------------------------------------
+
+t.test("publish and consume", async (t) => {
+  t.jobs = 4;
+
+  t.test("a retried publish is stored once", async (t) => {
+    const s = await server(t);
+    const bus = newBus(t, s.url);
+    await bus.start();
+    const m = message();
+    t.same(await bus.publish(m), { duplicate: false });
+    t.same(await bus.publish({ ...m, publishedAt: new Date().toISOString() }), { duplicate: true });
+    // The same id from another origin is a different message.
+    t.same(await bus.publish({ ...m, origin: "relay-b" }), { duplicate: false });
+    const info = await bus.info();
+    t.equal(info.messages, 2);
+    t.equal(info.lastSeq, 2);
+  });
+
+  t.test("many concurrent publishes", async (t) => {
+    const s = await server(t);
+    const bus = newBus(t, s.url);
+    await bus.start();
+    const results = await Promise.all(Array.from({ length: 200 }, () => bus.publish(message())));
+    t.equal(results.filter((r) => !r.duplicate).length, 200);
+    t.equal((await bus.info()).messages, 200);
+  });
+
+  t.test("roundtrip maps every field, from every origin", async (t) => {
+    const s = await server(t);
+    const a = newBus(t, s.url, { instanceId: "relay-a" });
+    const b = newBus(t, s.url, { instanceId: "relay-b" });
+    await Promise.all([a.start(), b.start()]);
+    const got = collect(t, b);
+    const sent = message({ id: " odd id: ünï\r\n%41 ", kind: "TicketUpdated", payloadJson: '{"x":[1,"ü"]}' });
+    await a.publish(sent);
+    const m = await got.take();
+    t.same(
+      { id: m.id, kind: m.kind, origin: m.origin, publishedAt: m.publishedAt, payloadJson: m.payloadJson },
+      sent,
+    );
+    t.equal(m.attempt, 1);
+    t.equal(m.seq, 1);
+    m.ack();
+    // b's own publishes come back too: echo filtering is the relay's job.
+    const own = message({ origin: "relay-b" });
+    await b.publish(own);
+    const back = await got.take();
+    t.equal(back.id, own.id);
+    t.equal(back.origin, "relay-b");
+    t.equal(back.seq, 2);
+    back.ack();
+  });
+
+  t.test("a message published by a foreign client falls back to the subject and stream", async (t) => {
+    const s = await server(t);
+    const bus = newBus(t, s.url);
+    await bus.start();
+    const got = collect(t, bus);
+    const nc = await connect({ servers: s.url });
+    t.teardown(() => nc.close());
+    const js = (await jetstreamManager(nc)).jetstream();
+    await js.publish("uptrakit.push.Foreign", '{"a":1}');
+    const m = await got.take();
+    t.equal(m.kind, "Foreign");
+    t.equal(m.payloadJson, '{"a":1}');
+    t.equal(m.id, `${STREAM}:1`);
+    t.ok(!Number.isNaN(Date.parse(m.publishedAt)));
+    m.ack();
+  });
+
+  t.test("nak redelivers no sooner than asked, as attempt 2", async (t) => {
+    const s = await server(t);
+    const bus = newBus(t, s.url);
+    await bus.start();
+    const got = collect(t, bus);
+    await bus.publish(message());
+    const first = await got.take();
+    t.equal(first.attempt, 1);
+    const t0 = Date.now();
+    first.nak(400);
+    const second = await got.take();
+    t.ok(Date.now() - t0 >= 350, `redelivered after ${Date.now() - t0} ms`);
+    t.equal(second.attempt, 2);
+    t.equal(second.seq, first.seq);
+    t.equal(second.id, first.id);
+    second.ack();
+    t.ok(await got.none(() => true, 300), "acked: not redelivered");
+    const info = await bus.info();
+    t.equal(info.consumer?.ackPending, 0);
+    t.equal(info.consumer?.redelivered, 0);
+  });
+
+  t.test("after maxDeliver the server stops redelivering; term() stops it at once", async (t) => {
+    const s = await server(t);
+    const bus = newBus(t, s.url, { maxDeliver: 2, ackWaitMs: 500 });
+    await bus.start();
+    const got = collect(t, bus);
+    const m = message();
+    await bus.publish(m);
+    const a1 = await got.take();
+    a1.nak(0);
+    const a2 = await got.take();
+    t.equal(a2.attempt, 2);
+    a2.nak(0);
+    t.ok(await got.none(() => true, 1_200), "no third delivery (over two ack waits)");
+
+    const other = message();
+    await bus.publish(other);
+    const o1 = await got.take((x) => x.id === other.id);
+    o1.term();
+    t.ok(await got.none(() => true, 1_200), "terminated: not redelivered");
+  });
+
+  t.test("working() holds a slow message past its ack wait", async (t) => {
+    const s = await server(t);
+    const bus = newBus(t, s.url, { ackWaitMs: 400 });
+    await bus.start();
+    const got = collect(t, bus);
+    await bus.publish(message());
+    const m = await got.take();
+    const timer = setInterval(() => m.working(), 150);
+    t.ok(await got.none(() => true, 900), "not redelivered while working");
+    clearInterval(timer);
+    m.ack();
+  });
+
+  t.test("backpressure: at most maxInFlight unsettled deliveries", async (t) => {
+    const s = await server(t);
+    const bus = newBus(t, s.url, { maxInFlight: 3, ackWaitMs: 30_000 });
+    await bus.start();
+    const got = collect(t, bus);
+    await Promise.all(Array.from({ length: 6 }, () => bus.publish(message())));
+    const held = [await got.take(), await got.take(), await got.take()];
+    t.ok(await got.none(() => true, 400), "the fourth waits");
+    held[0]!.ack();
+    const fourth = await got.take();
+    t.equal(fourth.seq, 4);
+  });
+});
+
+// ---- outages ------------------------------------------------------------------------------------
+
+t.test("outages", async (t) => {
+  t.jobs = 3;
+
+  t.test("publish while the server is down fails fast with BusUnavailableError", async (t) => {
+    const s = await server(t);
+    const bus = newBus(t, s.url);
+    await bus.start();
+    const st = statuses(t, bus);
+    await s.kill("SIGTERM");
+    const down = await st.take((x) => x.state === "disconnected");
+    t.ok(down.reason, `reason: ${down.reason}`);
+    const t0 = Date.now();
+    await t.rejects(bus.publish(message()), BusUnavailableError);
+    t.ok(Date.now() - t0 < 500, `failed after ${Date.now() - t0} ms`);
+  });
+
+  t.test("server restart mid-consume: reconnects and delivery resumes", async (t) => {
+    const s = await server(t);
+    const a = newBus(t, s.url, { instanceId: "relay-a" });
+    const b = newBus(t, s.url, { instanceId: "relay-b" });
+    await Promise.all([a.start(), b.start()]);
+    const st = statuses(t, b);
+    const sa = statuses(t, a);
+    const got = collect(t, b);
+    const before = message();
+    await a.publish(before);
+    (await got.take()).ack();
+
+    await s.restart();
+    t.equal((await st.take((x) => x.state === "disconnected")).state, "disconnected");
+    await st.take((x) => x.state === "connected", 10_000, "reconnect");
+    t.equal(b.status().state, "connected");
+    // The publisher reconnects on its own schedule: wait for it too.
+    await sa.take((x) => x.state === "connected", 10_000, "publisher reconnect");
+    const after = message();
+    await a.publish(after);
+    const m = await got.take((x) => x.id === after.id, 10_000, "message after restart");
+    t.equal(m.attempt, 1);
+    m.ack();
+  });
+
+  t.test("a deleted consumer is recreated and delivery resumes", async (t) => {
+    const s = await server(t);
+    const bus = newBus(t, s.url);
+    await bus.start();
+    const got = collect(t, bus);
+    await bus.publish(message());
+    (await got.take()).ack();
+    const nc = await connect({ servers: s.url });
+    t.teardown(() => nc.close());
+    const jsm = await jetstreamManager(nc);
+    await jsm.consumers.delete(STREAM, "relay-a");
+    // Recreated by the consume loop: wait until it exists again, then publish.
+    for (;;) {
+      const ci = await jsm.consumers.info(STREAM, "relay-a").catch(() => null);
+      if (ci) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const m = message();
+    await bus.publish(m);
+    const back = await got.take((x) => x.id === m.id, 10_000, "message after recreate");
+    back.ack();
+  });
+
+  t.test("close() is clean and idempotent, and status says closed", async (t) => {
+    const s = await server(t);
+    const bus = newBus(t, s.url);
+    t.equal(bus.status().state, "disconnected");
+    await bus.start();
+    t.equal(bus.status().state, "connected");
+    const c = bus.consume(() => undefined);
+    await bus.close();
+    await bus.close();
+    await c.stop();
+    t.equal(bus.status().state, "closed");
+    await t.rejects(bus.publish(message()), BusUnavailableError);
+  });
+});
