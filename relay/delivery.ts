@@ -24,14 +24,26 @@ export interface DeliveryOptions {
 interface InFlight {
   deliveryId: string;
   msg: InboundMessage;
-  timer: NodeJS.Timeout;
+  /** performance.now() at which the ack wait runs out. */
+  deadline: number;
 }
 
 export type SettleResult = "ok" | "unknown_delivery";
 
 export class DeliveryTracker {
   private readonly opts: DeliveryOptions;
+  /**
+   * Deliveries awaiting settlement, in deadline order: every deadline is "now + ackWaitMs" when
+   * set, and working() moves its entry to the end. One timer, armed for the head's deadline,
+   * serves them all (a per-delivery setTimeout/clearTimeout was a hot spot).
+   */
   private readonly inFlight = new Map<string, InFlight>();
+  private sweepTimer: NodeJS.Timeout | undefined;
+  /** performance.now() the sweep timer is armed for. */
+  private sweepAt = Infinity;
+  private gaugePending = false;
+  private lastIso = "";
+  private lastIsoMs = NaN;
   /** stream seq → deliveryId, to retire an attempt when the bus redelivers the same message. */
   private readonly bySeq = new Map<number, string>();
   private readonly parked: InboundMessage[] = [];
@@ -70,11 +82,9 @@ export class DeliveryTracker {
    */
   detach(): void {
     this.send = undefined;
-    for (const f of this.inFlight.values()) {
-      clearTimeout(f.timer);
-      this.parked.push(f.msg);
-    }
+    for (const f of this.inFlight.values()) this.parked.push(f.msg);
     this.inFlight.clear();
+    this.stopSweep();
     this.bySeq.clear();
     this.opts.metrics.inFlight.set(0);
     this.startKeepAlive();
@@ -88,11 +98,7 @@ export class DeliveryTracker {
     if (parkedAt >= 0) this.parked.splice(parkedAt, 1);
     if (previous !== undefined) {
       // The bus redelivered before our own clock retired the earlier attempt: the new one wins.
-      const f = this.inFlight.get(previous);
-      if (f) {
-        clearTimeout(f.timer);
-        this.inFlight.delete(previous);
-      }
+      this.inFlight.delete(previous);
     }
     if (!this.send) {
       this.parked.push(msg);
@@ -122,7 +128,11 @@ export class DeliveryTracker {
     const f = this.inFlight.get(deliveryId);
     if (!f) return "unknown_delivery";
     f.msg.working();
-    f.timer.refresh();
+    // A fresh deadline goes to the end, keeping the map in deadline order.
+    f.deadline = performance.now() + this.opts.ackWaitMs;
+    this.inFlight.delete(deliveryId);
+    this.inFlight.set(deliveryId, f);
+    this.armSweep();
     return "ok";
   }
 
@@ -152,14 +162,15 @@ export class DeliveryTracker {
 
   /**
    * Shutdown: everything still held goes back to the bus for a prompt redelivery, here after a
-   * restart or to this instance's successor. Returns how many were released.
+   * restart or to this instance's successor, after delayMs. Returns how many were released.
    */
-  releaseAll(): number {
-    const held = [...this.parked.splice(0), ...[...this.inFlight.values()].map((f) => (clearTimeout(f.timer), f.msg))];
+  releaseAll(delayMs = 0): number {
+    const held = [...this.parked.splice(0), ...[...this.inFlight.values()].map((f) => f.msg)];
     this.inFlight.clear();
+    this.stopSweep();
     this.bySeq.clear();
     this.stopKeepAlive();
-    for (const msg of held) msg.nak(0);
+    for (const msg of held) msg.nak(delayMs);
     this.opts.metrics.inFlight.set(0);
     this.notifyIdle();
     return held.length;
@@ -169,15 +180,15 @@ export class DeliveryTracker {
 
   private deliver(msg: InboundMessage): void {
     const deliveryId = this.idPrefix + (this.nextId++).toString(36);
-    const timer = setTimeout(() => this.onAckWaitExpired(deliveryId), this.opts.ackWaitMs);
-    this.inFlight.set(deliveryId, { deliveryId, msg, timer });
+    this.inFlight.set(deliveryId, { deliveryId, msg, deadline: performance.now() + this.opts.ackWaitMs });
+    this.armSweep();
     this.bySeq.set(msg.seq, deliveryId);
     const m = this.opts.metrics;
-    m.inFlight.set(this.inFlight.size);
+    this.gaugeInFlight();
     m.delivered.inc();
     if (msg.attempt > 1) m.redelivered.inc();
     else {
-      const sent = Date.parse(msg.publishedAt);
+      const sent = this.parseTime(msg.publishedAt);
       if (!Number.isNaN(sent)) m.deliveryLatency.observe(Math.max(0, Date.now() - sent) / 1000);
     }
     this.send!(
@@ -196,13 +207,66 @@ export class DeliveryTracker {
   private take(deliveryId: string): InFlight | undefined {
     const f = this.inFlight.get(deliveryId);
     if (!f) return undefined;
-    clearTimeout(f.timer);
     this.inFlight.delete(deliveryId);
     if (this.bySeq.get(f.msg.seq) === deliveryId) this.bySeq.delete(f.msg.seq);
-    this.opts.metrics.inFlight.set(this.inFlight.size);
+    this.gaugeInFlight();
     if (this.inFlight.size === 0) this.notifyIdle();
     return f;
   }
+
+  /**
+   * The in-flight gauge, set once per tick rather than on every deliver and settle (prom-client
+   * allocates on each set); nothing can scrape it in between.
+   */
+  private gaugeInFlight(): void {
+    if (this.gaugePending) return;
+    this.gaugePending = true;
+    process.nextTick(this.setInFlightGauge);
+  }
+
+  private readonly setInFlightGauge = (): void => {
+    this.gaugePending = false;
+    this.opts.metrics.inFlight.set(this.inFlight.size);
+  };
+
+  /** Date.parse of publishedAt: messages of one origin and millisecond share the same text. */
+  private parseTime(iso: string): number {
+    if (iso !== this.lastIso) {
+      this.lastIso = iso;
+      this.lastIsoMs = Date.parse(iso);
+    }
+    return this.lastIsoMs;
+  }
+
+  /** Arms the one timer for the earliest deadline, unless it is already armed for it. */
+  private armSweep(): void {
+    const head = this.inFlight.values().next();
+    if (head.done) return; // nothing to time: a timer already armed finds nothing and stops
+    const at = head.value.deadline;
+    if (this.sweepTimer && this.sweepAt <= at) return; // fires no later than needed; re-arms then
+    this.stopSweep();
+    this.sweepAt = at;
+    // +1: timers may fire a hair early.
+    this.sweepTimer = setTimeout(this.sweep, Math.max(0, at - performance.now() + 1));
+  }
+
+  private stopSweep(): void {
+    if (this.sweepTimer) clearTimeout(this.sweepTimer);
+    this.sweepTimer = undefined;
+    this.sweepAt = Infinity;
+  }
+
+  /** The ack wait ran out for every delivery at the head of the map with a past deadline. */
+  private readonly sweep = (): void => {
+    this.sweepTimer = undefined;
+    this.sweepAt = Infinity;
+    const now = performance.now();
+    for (const f of this.inFlight.values()) {
+      if (f.deadline > now) break;
+      this.onAckWaitExpired(f.deliveryId);
+    }
+    this.armSweep();
+  };
 
   private onAckWaitExpired(deliveryId: string): void {
     const f = this.take(deliveryId);

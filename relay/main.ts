@@ -12,7 +12,9 @@ import type { StreamInfo } from "./bus/bus.js";
 
 const program = new Command("uptrakit-relay")
   .description("Sidecar relay: cross-instance push notifications for Uptrakit controllers over NATS JetStream or an embedded SQLite bus")
-  .showHelpAfterError("(run with --help for the options)");
+  .showHelpAfterError("(run with --help for the options)")
+  // commander echoes a rejected option value: never print the user part of a URL (a secret).
+  .configureOutput({ outputError: (str, write) => write(str.replace(/(\b[a-z][a-z0-9+.-]*:\/\/)[^/@\s']*@/gi, "$1[redacted]@")) });
 
 function fail(message: string): never {
   process.stderr.write(`uptrakit-relay: ${message}\n`);
@@ -57,7 +59,7 @@ addRunOptions(
 
 // ---- dlq ----
 
-const dataDirOption = (): Option => new Option("--data-dir <dir>", "the relay's data dir [env UPTRAKIT_DATA_DIR]").env("UPTRAKIT_DATA_DIR").default("./.uptrakit");
+const dataDirOption = (): Option => new Option("--data-dir <dir>", "the relay's data dir").env("UPTRAKIT_DATA_DIR").default("./.uptrakit");
 
 function openStore(opts: { dataDir: string }): RelayStore {
   try {
@@ -143,16 +145,15 @@ dlq
 async function printStreamInfo(opts: Record<string, unknown>): Promise<void> {
   const cfg: RelayConfig = toRelayConfig(opts);
   const log = createLogger(cfg.logLevel === "info" ? "warn" : cfg.logLevel, cfg.instanceId);
+  // inspect(), not start(): a diagnostic must never create or reconcile the stream or a consumer
+  // (start() would set the stream to *these* options, e.g. 1 replica without --replicas).
   const bus = createBus(cfg, log);
   let info: StreamInfo;
   try {
-    await bus.start();
-    info = await bus.info();
+    info = await bus.inspect();
   } catch (err) {
-    await bus.close().catch(() => undefined);
     fail((err as Error).message);
   }
-  await bus.close();
   if (opts.json) {
     process.stdout.write(JSON.stringify(info, null, 2) + "\n");
     return;
@@ -165,14 +166,14 @@ async function printStreamInfo(opts: Record<string, unknown>): Promise<void> {
       `messages:   ${info.messages} (${info.bytes} bytes, seq ${info.firstSeq}..${info.lastSeq})`,
       c
         ? `consumer:   ${c.name}: ${c.pending} pending, ${c.ackPending} awaiting ack, ${c.redelivered} redelivered`
-        : `consumer:   none for instance ${cfg.instanceId}`,
+        : `consumer:   none for instance ${cfg.instanceId} (a relay creates its consumer when it starts)`,
     ].join("\n") + "\n",
   );
 }
 
 const stream = program.command("stream").description("inspect the stream and this instance's consumer");
 for (const cmd of [stream.command("info"), program.command("status")]) {
-  addConnectionOptions(cmd.description("print the stream's and this instance's consumer state").option("--json", "print JSON")).action(printStreamInfo);
+  addConnectionOptions(cmd.description("print the stream's and this instance's consumer state (read-only: creates and changes nothing)").option("--json", "print JSON")).action(printStreamInfo);
 }
 
 await program.parseAsync(process.argv);

@@ -64,26 +64,52 @@ function isPlainObject(v: unknown): v is Record<string, unknown> {
   return typeof v === "object" && v !== null && !Array.isArray(v);
 }
 
+/** A UTF-16 surrogate without its other half (u-mode: a well-formed pair is one code point). */
+const LONE_SURROGATE = /[\uD800-\uDFFF]/u;
+
+// An id must survive the bus's header encoding and a round trip through the outbox (UTF-8): a
+// lone surrogate does neither, so it is refused here rather than answered 'unavailable' for ever.
 function validId(v: unknown): v is string {
-  return typeof v === "string" && v.length >= 1 && v.length <= MAX_ID_LENGTH;
+  return typeof v === "string" && v.length >= 1 && v.length <= MAX_ID_LENGTH && !LONE_SURROGATE.test(v);
 }
 
 function validDeliveryId(v: unknown): v is string {
   return typeof v === "string" && v.length >= 1 && v.length <= MAX_DELIVERY_ID_LENGTH;
 }
 
-/** Depth of nested arrays/objects, stopping early once past the limit. */
-function depthExceeds(value: unknown, limit: number): boolean {
-  const stack: Array<[unknown, number]> = [[value, 1]];
-  while (stack.length > 0) {
-    const [v, d] = stack.pop()!;
-    if (typeof v !== "object" || v === null) continue;
-    if (d > limit) return true;
-    for (const child of Array.isArray(v) ? v : Object.values(v)) {
-      if (typeof child === "object" && child !== null) stack.push([child, d + 1]);
+/**
+ * Depth of nested arrays/objects, stopping early once past the limit. Recursive (at most
+ * limit + 1 frames deep) and allocation-free: it runs on every publish.
+ */
+function depthExceeds(value: unknown, limit: number, depth = 1): boolean {
+  if (typeof value !== "object" || value === null) return false;
+  if (depth > limit) return true;
+  if (Array.isArray(value)) {
+    for (let i = 0; i < value.length; i++) {
+      const child: unknown = value[i];
+      if (typeof child === "object" && child !== null && depthExceeds(child, limit, depth + 1)) return true;
     }
+    return false;
+  }
+  // JSON.parse makes plain objects: for...in sees exactly their own keys (Object.values's).
+  for (const key in value) {
+    const child: unknown = (value as Record<string, unknown>)[key];
+    if (typeof child === "object" && child !== null && depthExceeds(child, limit, depth + 1)) return true;
   }
   return false;
+}
+
+/** kindProblem() per kind seen: a controller uses a handful of kinds, checked on every publish. */
+const kindVerdicts = new Map<string, ReturnType<typeof kindProblem> | null>();
+const KIND_VERDICTS_MAX = 1024;
+
+function cachedKindProblem(kind: string): ReturnType<typeof kindProblem> {
+  const known = kindVerdicts.get(kind);
+  if (known !== undefined) return known ?? undefined;
+  const problem = kindProblem(kind);
+  if (kindVerdicts.size >= KIND_VERDICTS_MAX) kindVerdicts.clear();
+  kindVerdicts.set(kind, problem ?? null);
+  return problem;
 }
 
 /**
@@ -134,10 +160,10 @@ export function parseClientFrame(text: string): ParseResult {
 
 function parsePublish(raw: Record<string, unknown>): ParseResult {
   const id = raw.id;
-  if (!validId(id)) return fail("invalid_frame", `publish: "id" must be a string of 1-${MAX_ID_LENGTH} characters`);
+  if (!validId(id)) return fail("invalid_frame", `publish: "id" must be a string of 1-${MAX_ID_LENGTH} characters (well-formed Unicode)`);
   const kind = raw.kind;
   if (typeof kind !== "string") return fail("invalid_frame", `publish: "kind" must be a string`, id);
-  const problem = kindProblem(kind);
+  const problem = cachedKindProblem(kind);
   if (problem) return fail(problem.code, `publish: ${problem.message}`, id);
   if (!("payload" in raw) || raw.payload === undefined) return fail("invalid_frame", `publish: "payload" is required`, id);
   if (depthExceeds(raw.payload, MAX_PAYLOAD_DEPTH))
@@ -168,7 +194,8 @@ export function readyFrame(instanceId: string, bus: BusName): string {
 }
 
 export function publishedFrame(id: string, queued = false): string {
-  return JSON.stringify(queued ? { type: "published", id, queued: true } : { type: "published", id });
+  // The same text as JSON.stringify of the object, without building it: one per publish.
+  return `{"type":"published","id":${JSON.stringify(id)}${queued ? `,"queued":true` : ""}}`;
 }
 
 export function errorFrame(error: FrameError): string {

@@ -26,6 +26,11 @@ export class Publisher {
   private flushing: Promise<void> | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
   private closed = false;
+  /** Direct publishes awaiting their PubAck: any of them may yet fail and be queued. */
+  private direct = 0;
+  /** Publishes that must queue, waiting for those direct ones to settle first (in arrival order). */
+  private queuers: Array<() => void> = [];
+  private waiting = 0;
 
   constructor(o: PublisherOptions) {
     this.o = o;
@@ -39,8 +44,9 @@ export class Publisher {
 
   async publish(msg: BusMessage): Promise<PublishOutcome> {
     // While anything is queued, new messages queue behind it: the outbox keeps publish order.
-    if (this.depth === 0 && this.o.bus.status().state === "connected") {
+    if (this.depth === 0 && this.waiting === 0 && this.o.bus.status().state === "connected") {
       const started = performance.now();
+      this.direct++;
       try {
         await this.o.bus.publish(msg);
         this.o.metrics.publishLatency.observe((performance.now() - started) / 1000);
@@ -51,9 +57,25 @@ export class Publisher {
           return { status: "unavailable", reason: `the bus refused the message: ${(err as Error).message}` };
         }
         this.o.logger.warn({ id: msg.id, reason: (err as Error).message }, "bus unavailable; queueing in the outbox");
+        return this.enqueue(msg);
+      } finally {
+        if (--this.direct === 0) this.wakeQueuers();
       }
     }
+    // A publish sent before the bus went away may still be awaiting its PubAck; if that fails it
+    // is queued, and must stay ahead of this one.
+    if (this.direct > 0) {
+      this.waiting++;
+      await new Promise<void>((resolve) => this.queuers.push(resolve));
+      this.waiting--;
+    }
     return this.enqueue(msg);
+  }
+
+  private wakeQueuers(): void {
+    const waiting = this.queuers;
+    this.queuers = [];
+    for (const resolve of waiting) resolve();
   }
 
   /** Starts a flush if there is something to flush and none is running. */

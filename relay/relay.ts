@@ -2,7 +2,7 @@
 // Lifecycle: new → start() → running → stop() (drains) → closed.
 
 import net from "node:net";
-import type { Bus, Consumption, InboundMessage } from "./bus/bus.js";
+import { HANDBACK_DELAY_MS, type Bus, type Consumption, type InboundMessage } from "./bus/bus.js";
 import { createBus } from "./bus/create.js";
 import type { RelayConfig } from "./config.js";
 import { DeliveryTracker } from "./delivery.js";
@@ -15,6 +15,19 @@ import { ReplayedMessage, ReplaySource } from "./replay.js";
 import { RelayStore } from "./store/store.js";
 
 export type RelayState = "new" | "starting" | "running" | "closing" | "closed";
+
+// new Date().toISOString() costs about a microsecond; publishes come thousands a second, many
+// within the same millisecond.
+let isoMs = -1;
+let isoText = "";
+function isoNow(): string {
+  const ms = Date.now();
+  if (ms !== isoMs) {
+    isoMs = ms;
+    isoText = new Date(ms).toISOString();
+  }
+  return isoText;
+}
 
 export class Relay {
   readonly cfg: RelayConfig;
@@ -68,7 +81,7 @@ export class Relay {
         logger: this.log,
         deadLetter: (msg, attempts, reason) => this.recordDeadLetter(msg, attempts, reason),
       });
-      this.replay = new ReplaySource({ store: this.store, ackWaitMs: this.cfg.ackWaitMs, offer: (m) => this.tracker!.offer(m) });
+      this.replay = new ReplaySource({ store: this.store, ackWaitMs: this.cfg.ackWaitMs, maxDeliver: this.cfg.maxDeliver, offer: (m) => this.tracker!.offer(m) });
       this.unsubscribeStatus = this.bus.onStatus((s) => {
         this.metrics.natsConnected.set(s.state === "connected" ? 1 : 0);
         if (s.state === "connected") {
@@ -120,7 +133,7 @@ export class Relay {
     this.replay?.stop();
     await this.stopConsuming();
     const idle = (await this.tracker?.waitIdle(this.cfg.drainTimeoutMs)) ?? true;
-    const released = this.tracker?.releaseAll() ?? 0;
+    const released = this.tracker?.releaseAll(HANDBACK_DELAY_MS) ?? 0; // see HANDBACK_DELAY_MS
     if (!idle || released > 0) this.log.warn({ released }, "drain timeout: unacked deliveries handed back for redelivery");
     await this.server?.close(CLOSE_NORMAL, "relay shutting down");
     await this.publisher?.settle();
@@ -215,7 +228,7 @@ export class Relay {
       id: f.id,
       kind: f.kind,
       origin: this.cfg.instanceId,
-      publishedAt: new Date().toISOString(),
+      publishedAt: isoNow(),
       payloadJson: f.payloadJson,
     });
     if (outcome.status === "unavailable") {

@@ -11,6 +11,8 @@ const POLL_MS = 500;
 export interface ReplayOptions {
   store: RelayStore;
   ackWaitMs: number;
+  /** Deliveries per replay; after the last one the source goes quiet, as the bus does. */
+  maxDeliver: number;
   /** Hands a replayed message to delivery (the same path as bus messages). */
   offer(msg: InboundMessage): void;
 }
@@ -70,6 +72,9 @@ export class ReplayedMessage implements InboundMessage {
 
   private redeliver(): void {
     if (this.done) return;
+    // Like the bus after max_deliver: no more attempts. The delivery tracker's own ack-wait
+    // clock then returns the last attempt to the dead letters.
+    if (this.attempt >= this.source.maxDeliver) return;
     this.attempt++;
     this.arm();
     this.source.redeliver(this);
@@ -85,6 +90,7 @@ export class ReplayedMessage implements InboundMessage {
 export class ReplaySource {
   readonly store: RelayStore;
   readonly ackWaitMs: number;
+  readonly maxDeliver: number;
   private readonly offerFn: (msg: InboundMessage) => void;
   private readonly active = new Map<number, ReplayedMessage>();
   private poller: NodeJS.Timeout | undefined;
@@ -92,6 +98,7 @@ export class ReplaySource {
   constructor(o: ReplayOptions) {
     this.store = o.store;
     this.ackWaitMs = o.ackWaitMs;
+    this.maxDeliver = o.maxDeliver;
     this.offerFn = o.offer;
   }
 

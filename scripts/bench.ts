@@ -31,7 +31,8 @@ import { forkChild, machineInfo, procStats, startNatsServer, startRelay, tempDir
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CONTROLLER = path.join(here, "bench-controller.js");
 
-type PathName = "direct" | "relay" | "sqlite";
+/** direct, relay, sqlite, or relay@<name> for a relay build given with --alt (JetStream). */
+type PathName = string;
 const ALL_PATHS: PathName[] = ["direct", "relay", "sqlite"];
 
 // The direct baseline mirrors the relay's stream and consumer settings (relay/bus/jetstream.ts).
@@ -40,6 +41,8 @@ const DIRECT_SUBJECT = "bench.direct.BenchEvent";
 const DIRECT_CONSUMER = "bench-direct";
 const RELAY_STREAM = "UPTRAKIT_PUSH";
 const RELAY_DEFAULT_MAX_IN_FLIGHT = 256;
+/** Between warm-up, latency and throughput: lets each phase's garbage and acks settle. */
+const PHASE_PAUSE_MS = 1_000;
 
 // ---- options -------------------------------------------------------------------------------------
 
@@ -72,9 +75,11 @@ const program = new Command("bench")
   .option("--quick", "small counts, one round, short duration (< 30 s)")
   .option("--relay-args <args>", "extra arguments for every relay (space-separated), e.g. \"--max-in-flight 512\"")
   .option("--profile <dir>", "run the relays under node --cpu-prof, profiles written to <dir>")
+  .option("--relay-node-args <args>", "extra node flags for every relay (space-separated), e.g. \"--heap-prof\"")
   .option("--idle <s>", "instead: first-message latency after <s> seconds of silence", num(0))
   .option("--idle-samples <n>", "idle periods to measure (--idle)", int(1), 1)
   .option("--backlog <n>", "instead: backlog <n> messages for a slow controller and report relay RSS", int(1))
+  .option("--alt <name=main.js>", "also measure another relay build on JetStream, as path relay@<name> (repeatable)", (v: string, prev: string[] = []) => [...prev, v])
   .option("--slow-rate <msg/s>", "how fast the slow controller settles (--backlog)", num(1), 500)
   .option("--hold <s>", "how long the slow controller keeps the backlog before draining (--backlog)", num(0), 10)
   .parse();
@@ -92,11 +97,13 @@ interface Options {
   quick?: boolean;
   relayArgs?: string;
   profile?: string;
+  relayNodeArgs?: string;
   idle?: number;
   idleSamples: number;
   backlog?: number;
   slowRate: number;
   hold: number;
+  alt?: string[];
 }
 const o = program.opts<Options>();
 const quick = o.quick === true;
@@ -112,7 +119,21 @@ const settings = {
   relayArgs: o.relayArgs ? o.relayArgs.split(/\s+/).filter(Boolean) : [],
 };
 for (const p of settings.paths) if (!ALL_PATHS.includes(p)) program.error(`unknown path ${JSON.stringify(p)} in --paths`);
-const relayNodeArgs = o.profile ? ["--cpu-prof", "--cpu-prof-dir", path.resolve(o.profile)] : [];
+/** relay@<name> → the main.js of that relay build. */
+const altMains = new Map<string, string>();
+for (const a of o.alt ?? []) {
+  const m = /^([\w.-]+)=(.+)$/.exec(a);
+  if (!m) {
+    program.error(`--alt wants name=path/to/relay/main.js, not ${JSON.stringify(a)}`);
+  } else {
+    altMains.set(`relay@${m[1]}`, path.resolve(m[2]!));
+    settings.paths.push(`relay@${m[1]}`);
+  }
+}
+const relayNodeArgs = [
+  ...(o.profile ? ["--cpu-prof", "--cpu-prof-dir", path.resolve(o.profile)] : []),
+  ...(o.relayNodeArgs ? o.relayNodeArgs.split(/\s+/).filter(Boolean) : []),
+];
 if (o.profile) fs.mkdirSync(path.resolve(o.profile), { recursive: true });
 
 const log = (s: string): void => void process.stderr.write(`${s}\n`);
@@ -194,7 +215,7 @@ async function startRig(name: PathName, nats: NatsServerProc, jsm: JetStreamMana
       await initChild(pub, { role: "direct-pub", natsUrl: nats.url, subject: DIRECT_SUBJECT });
     } else {
       let bus: { natsUrl?: string; busFile?: string };
-      if (name === "relay") {
+      if (name === "relay" || altMains.has(name)) {
         // A fresh stream each time: every round starts from the same state.
         await jsm.streams.delete(RELAY_STREAM).catch(() => false);
         bus = { natsUrl: nats.url };
@@ -202,7 +223,9 @@ async function startRig(name: PathName, nats: NatsServerProc, jsm: JetStreamMana
         bus = { busFile: path.join(tempDir("uptrakit-bench-bus-"), "bus.db") };
       }
       const started = await Promise.allSettled(
-        ["a", "b"].map((x) => startRelay({ instanceId: `bench-${tag}-${x}`, ...bus, args: settings.relayArgs, nodeArgs: relayNodeArgs })),
+        ["a", "b"].map((x) =>
+          startRelay({ instanceId: `bench-${tag}-${x}`, ...bus, args: settings.relayArgs, nodeArgs: relayNodeArgs, main: altMains.get(name) }),
+        ),
       );
       for (const s of started) if (s.status === "fulfilled") relays.push(s.value);
       const failed = started.find((s) => s.status === "rejected") as PromiseRejectedResult | undefined;
@@ -265,8 +288,12 @@ function cpuOf(pids: number[]): number {
   return pids.reduce((sum, pid) => sum + (procStats(pid)?.cpuSeconds ?? 0), 0);
 }
 
+function sysOf(pids: number[]): number {
+  return pids.reduce((sum, pid) => sum + (procStats(pid)?.sysSeconds ?? 0), 0);
+}
+
 async function measurePath(name: PathName, nats: NatsServerProc, jsm: JetStreamManager, round: number): Promise<PathResult> {
-  const rig = await startRig(name, nats, jsm, `${round}${name[0]}`);
+  const rig = await startRig(name, nats, jsm, `${round}${name.replace(/[^A-Za-z0-9]/g, "").slice(0, 20)}`);
   try {
     const conc = { concurrency: settings.concurrency };
     const tpTimeout = 120_000 + settings.count * 5;
@@ -274,16 +301,23 @@ async function measurePath(name: PathName, nats: NatsServerProc, jsm: JetStreamM
     const relayPids = rig.relays.map((r) => r.pid);
     const clientPids = [rig.pub.pid, rig.sub.pid];
 
-    // Sustained throughput: first publish call → last message handled on the other side.
-    const c0 = { relays: cpuOf(relayPids), nats: cpuOf([nats.pid]), clients: cpuOf(clientPids) };
-    const tp = await transfer(rig, settings.count, conc, false, tpTimeout);
-    const c1 = { relays: cpuOf(relayPids), nats: cpuOf([nats.pid]), clients: cpuOf(clientPids) };
-    const throughput = (settings.count * 1000) / (tp.recv.last - tp.sent.t0);
-
-    // Latency at a fixed offered rate.
+    // Latency at a fixed offered rate, after a pause that lets the warm-up's garbage settle.
+    const snap = () => ({ relays: cpuOf(relayPids), nats: cpuOf([nats.pid]), clients: cpuOf(clientPids), relaysSys: sysOf(relayPids) });
+    await sleep(PHASE_PAUSE_MS);
+    const l0 = snap();
     const n = Math.max(1, Math.round(settings.rate * settings.durationS));
     const lt = await transfer(rig, n, { rate: settings.rate }, true, settings.durationS * 1000 + 60_000);
-    const c2 = { relays: cpuOf(relayPids), nats: cpuOf([nats.pid]), clients: cpuOf(clientPids) };
+    const l1 = snap();
+
+    // Sustained throughput: first publish call → last message handled on the other side.
+    await sleep(PHASE_PAUSE_MS);
+    const c0 = snap();
+    const tp = await transfer(rig, settings.count, conc, false, tpTimeout);
+    const c1 = snap();
+    const throughput = (settings.count * 1000) / (tp.recv.last - tp.sent.t0);
+    const c2 = { relays: c1.relays + l1.relays - l0.relays };
+    // BENCH_DUMP_LATENCY=<dir>: keep each latency run, in publish order, for a closer look.
+    if (process.env.BENCH_DUMP_LATENCY) fs.writeFileSync(path.join(process.env.BENCH_DUMP_LATENCY, `${name}-${round}.json`), JSON.stringify(lt.recv.lat ?? []));
     const lat = Float64Array.from(lt.recv.lat ?? []).sort();
 
     const r: PathResult = {
@@ -295,10 +329,11 @@ async function measurePath(name: PathName, nats: NatsServerProc, jsm: JetStreamM
       mean: lat.reduce((a, b) => a + b, 0) / Math.max(1, lat.length),
       duplicates: tp.recv.dups + lt.recv.dups,
       publishRetries: tp.sent.failed + lt.sent.failed,
+      pathCpuUsPerMsg: ((c1.nats - c0.nats + c1.clients - c0.clients + c1.relays - c0.relays) * 1e6) / settings.count,
       natsCpuSecondsThroughput: c1.nats - c0.nats,
       clientCpuSecondsThroughput: c1.clients - c0.clients,
-      natsCpuSecondsLatency: c2.nats - c1.nats,
-      clientCpuSecondsLatency: c2.clients - c1.clients,
+      natsCpuSecondsLatency: l1.nats - l0.nats,
+      clientCpuSecondsLatency: l1.clients - l0.clients,
     };
     if (rig.relays.length > 0) {
       const stats = rig.relays.map((x) => procStats(x.pid));
@@ -307,8 +342,9 @@ async function measurePath(name: PathName, nats: NatsServerProc, jsm: JetStreamM
       r.rssMbB = stats[1]?.hwmMb;
       r.cpuSeconds = c2.relays - c0.relays;
       r.relayCpuSecondsThroughput = c1.relays - c0.relays;
-      r.relayCpuSecondsLatency = c2.relays - c1.relays;
+      r.relayCpuSecondsLatency = l1.relays - l0.relays;
       r.relayCpuUsPerMsg = ((c1.relays - c0.relays) * 1e6) / settings.count;
+      r.relaySysUsPerMsg = ((c1.relaysSys - c0.relaysSys) * 1e6) / settings.count;
     }
     return r;
   } finally {

@@ -4,14 +4,17 @@
 // in the conformance suite.
 
 import t, { type Test } from "tap";
+import fs from "node:fs";
 import net from "node:net";
-import { connect, nanos } from "@nats-io/transport-node";
+import os from "node:os";
+import path from "node:path";
+import { connect, nanos, nkeys } from "@nats-io/transport-node";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { BusStartError, BusUnavailableError, type BusMessage, type BusSettings, type BusStatus, type InboundMessage } from "../relay/bus/bus.js";
 import { JetStreamBus } from "../relay/bus/jetstream.js";
 import type { NatsAuth } from "../relay/config.js";
 import { createLogger } from "../relay/log.js";
-import { freePort, startNatsServer, type NatsServer } from "./helpers/nats-server.js";
+import { freePort, startNatsCluster, startNatsServer, type NatsServer } from "./helpers/nats-server.js";
 
 const STREAM = "UPTRAKIT_TEST";
 
@@ -114,6 +117,9 @@ async function startError(bus: JetStreamBus): Promise<{ err: unknown; ms: number
   throw new Error("start() unexpectedly succeeded");
 }
 
+// The groups below are independent (each subtest has its own servers): run them side by side.
+t.jobs = 5;
+
 // ---- start-up ---------------------------------------------------------------------------------
 
 t.test("start-up failures say which problem and where", async (t) => {
@@ -164,6 +170,27 @@ t.test("start-up failures say which problem and where", async (t) => {
     const ok = newBus(t, s.url, { auth: { user: "relay", pass: "s3cret" } });
     await ok.start();
     t.equal(ok.status().state, "connected");
+  });
+
+  t.test("token and NKey seed file authenticate", async (t) => {
+    const user = nkeys.createUser();
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "uptrakit-nkey-"));
+    t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+    const seedFile = path.join(dir, "relay.nk");
+    fs.writeFileSync(seedFile, `${new TextDecoder().decode(user.getSeed())}\n`);
+    const conf = path.join(dir, "server.conf");
+    fs.writeFileSync(conf, `authorization { users = [ { nkey: ${user.getPublicKey()} } ] }\n`);
+    const withNkey = await server(t, { args: ["-c", conf] });
+    const good = newBus(t, withNkey.url, { auth: { nkeySeedFile: seedFile } });
+    await good.start();
+    t.equal(good.status().state, "connected", "the seed file's key is accepted");
+    const { err } = await startError(newBus(t, withNkey.url, { instanceId: "relay-b" }));
+    t.match((err as Error).message, "refused the credentials", "no key: refused");
+
+    const withToken = await server(t, { args: ["--auth", "t0ken"] });
+    await newBus(t, withToken.url, { auth: { token: "t0ken" } }).start();
+    const bad = await startError(newBus(t, withToken.url, { auth: { token: "nope" } }));
+    t.match((bad.err as Error).message, "refused the credentials", "wrong token: refused");
   });
 
   t.test("an unreadable seed file names the file", async (t) => {
@@ -457,4 +484,47 @@ t.test("outages", async (t) => {
     t.equal(bus.status().state, "closed");
     await t.rejects(bus.publish(message()), BusUnavailableError);
   });
+});
+
+// ---- cluster ------------------------------------------------------------------------------------
+
+t.test("cluster: the stream leader dies", async (t) => {
+  const cluster = await startNatsCluster(3);
+  t.teardown(() => cluster.stop());
+  const a = newBus(t, cluster.urls, { instanceId: "relay-a", replicas: 3 });
+  await a.start();
+  let leader: string | undefined;
+  while (!(leader = await cluster.streamLeader(STREAM))) await new Promise((r) => setTimeout(r, 50));
+  // b talks only to the survivors: it must find the new leader without a reconnect to help it.
+  const survivors = cluster.nodes.filter((n) => n.name !== leader);
+  const b = newBus(t, survivors.map((n) => n.url), { instanceId: "relay-b", replicas: 3 });
+  await b.start();
+  const got = collect(t, b);
+  const before = message();
+  await a.publish(before);
+  (await got.take((x) => x.id === before.id)).ack();
+
+  const killedAt = Date.now();
+  await cluster.nodes.find((n) => n.name === leader)!.kill("SIGKILL");
+  // During the election a publish is BusUnavailableError (never anything else); then it works.
+  const after = message();
+  let unavailable = 0;
+  for (;;) {
+    try {
+      await a.publish(after);
+      break;
+    } catch (err) {
+      if (!(err instanceof BusUnavailableError)) throw err;
+      unavailable++;
+      await new Promise((r) => setTimeout(r, 100)); // retry cadence, as the relay's outbox would
+    }
+  }
+  t.ok(unavailable > 0, `${unavailable} publishes were refused as unavailable during the election`);
+  t.ok(Date.now() - killedAt < 15_000, `publishing resumed after ${Date.now() - killedAt} ms`);
+  const m = await got.take((x) => x.id === after.id, 20_000, "delivery after the election");
+  // Without watching the leader-election advisories this took 30-45 s (missed heartbeats).
+  t.ok(Date.now() - killedAt < 20_000, `delivery resumed after ${Date.now() - killedAt} ms`);
+  t.equal(m.attempt, 1);
+  m.ack();
+  t.not(await cluster.streamLeader(STREAM), leader, "a new leader was elected");
 });

@@ -141,9 +141,11 @@ for (const backend of backends) {
     tt.match(await waitForDeadLetter(dataB, "ignored"), { attempts: 3 });
     tt.equal(cb.deliveries().filter((f) => f.id === "poison").length, 3, "no fourth attempt");
 
+    // Counted before the CLI runs: the relay may deliver the replay before we see the CLI exit.
+    const beforeReplay = cb.frames.length;
     const replay = await runRelayCli(["dlq", "replay", "poison", "--data-dir", dataB]);
     tt.equal(replay.code, 0, replay.stderr);
-    const again = await cb.next((f) => f.type === "deliver" && f.id === "poison" && f.attempt === 1, 10_000, cb.frames.length);
+    const again = await cb.next((f) => f.type === "deliver" && f.id === "poison" && f.attempt === 1, 10_000, beforeReplay);
     tt.same(again.payload, { cn: "x" });
     cb.ack(again);
     const deadline = Date.now() + 10_000;
@@ -255,9 +257,15 @@ for (const backend of backends) {
     // Away for longer than three ack waits: the relay must neither burn attempts nor dead-letter.
     await new Promise((r) => setTimeout(r, 3500));
     cb = await env.controller(rb);
-    const got = await cb.nextN((f) => f.type === "deliver", 6);
-    for (const f of got) cb.ack(f);
-    tt.same(got.map((f) => f.id).sort(), ["m-0", "m-1", "m-2", "m-3", "m-4", "m-5"]);
+    // At-least-once: on a loaded machine a keep-alive can come late and the bus redeliver a
+    // parked message, so a duplicate is allowed; a missing id is not.
+    const wanted = ["m-0", "m-1", "m-2", "m-3", "m-4", "m-5"];
+    cb.onFrame((f) => f.type === "deliver" && cb.ack(f));
+    for (const f of cb.deliveries()) cb.ack(f);
+    for (const id of wanted) await cb.next((f) => f.type === "deliver" && f.id === id);
+    const got = cb.deliveries();
+    tt.same([...new Set(got.map((f) => f.id))].sort(), wanted);
+    if (got.length > wanted.length) tt.comment(`duplicates: ${got.length - wanted.length}`);
     tt.equal(got.find((f) => f.id === "m-0")!.attempt, first.attempt, "the parked delivery kept its attempt");
     tt.same(await dlqList(dataB), [], "no dead letters");
 

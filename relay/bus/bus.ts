@@ -83,6 +83,15 @@ export interface StreamInfo {
   } | null;
 }
 
+/**
+ * Messages a relay hands back unhandled when it stops consuming (drain, controller gone) are
+ * nak'd with this delay, not 0: redelivered at once, JetStream (2.9) may give such a message to
+ * this connection's last pull request, which the server still holds for a moment after the
+ * relay stopped pulling, and the message then sits out a whole ack wait (and loses an attempt).
+ * After the delay it goes to the next pull: the restarted relay, or this one again.
+ */
+export const HANDBACK_DELAY_MS = 1_000;
+
 /** Raised by start() with a message fit to print as the reason the relay cannot start. */
 export class BusStartError extends Error {
   override name = "BusStartError";
@@ -108,7 +117,16 @@ export interface Bus {
   status(): BusStatus;
   /** Listens for status changes; returns the unsubscribe function. */
   onStatus(listener: (s: BusStatus) => void): () => void;
+  /** The stream and this instance's consumer, on a started bus. */
   info(): Promise<StreamInfo>;
+  /**
+   * A read-only look for operators (`stream info`): connects with the same settings (on a bus
+   * that need not be started, and leaves it as it was), reads the stream and this instance's
+   * consumer (null when it has none) and never creates or changes either. Rejects with a
+   * message fit to print when the bus cannot be reached or the stream (or SQLite file) does not
+   * exist.
+   */
+  inspect(): Promise<StreamInfo>;
   /** Stops consuming, lets pending settles reach the bus, and disconnects. */
   close(): Promise<void>;
 }

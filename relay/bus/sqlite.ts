@@ -703,15 +703,46 @@ export class SqliteBus implements Bus {
 
   async info(): Promise<StreamInfo> {
     if (!this.db) throw new BusUnavailableError(`the SQLite bus is ${this.state.state === "closed" ? "closed" : "not started"}`);
-    const read = this.db.transaction(() => {
-      const s = this.st.infoStream.get(this.stream) as { messages: number; bytes: number; first_seq: number; last_seq: number };
-      const cursor = this.st.consumerGet.get(this.stream, this.consumerName) as number | undefined;
+    return this.readInfo(this.db, this.st);
+  }
+
+  /**
+   * Read-only (see Bus.inspect): the file is opened read-only and only read; no schema, no
+   * consumer, no maintenance. On a started bus, the same as info().
+   */
+  async inspect(): Promise<StreamInfo> {
+    if (this.db) return this.info();
+    const fail = (why: string): never => {
+      throw new BusStartError(`cannot read the SQLite bus file ${this.file}: ${why}`);
+    };
+    if (!fs.existsSync(this.file))
+      fail("it does not exist: no relay has used it yet (check --bus and --data-dir; the default is <data-dir>/bus.db)");
+    let db: Database.Database | undefined;
+    try {
+      db = new Database(this.file, { readonly: true, fileMustExist: true, timeout: BUSY_TIMEOUT_MS });
+      return this.readInfo(db, prepareStatements(db));
+    } catch (err) {
+      if (err instanceof BusStartError) throw err;
+      const code = sqliteCode(err);
+      const message = (err as Error).message;
+      if (code === "SQLITE_NOTADB") fail("it is not an SQLite database");
+      if (/no such table/i.test(message)) fail(`it is not a relay bus file (${message})`);
+      return fail(message);
+    } finally {
+      db?.close();
+    }
+  }
+
+  private readInfo(db: Database.Database, st: Statements): StreamInfo {
+    const read = db.transaction(() => {
+      const s = st.infoStream.get(this.stream) as { messages: number; bytes: number; first_seq: number; last_seq: number };
+      const cursor = st.consumerGet.get(this.stream, this.consumerName) as number | undefined;
       let consumer: StreamInfo["consumer"] = null;
       if (cursor !== undefined) {
-        const a = this.st.infoAckPending.get(this.stream, this.consumerName) as { ack_pending: number; redelivered: number };
+        const a = st.infoAckPending.get(this.stream, this.consumerName) as { ack_pending: number; redelivered: number };
         consumer = {
           name: this.consumerName,
-          pending: this.st.infoPending.get(this.stream, cursor) as number,
+          pending: st.infoPending.get(this.stream, cursor) as number,
           ackPending: a.ack_pending,
           redelivered: a.redelivered,
         };

@@ -93,6 +93,8 @@ export interface ProcStats {
   rssMb: number;
   /** utime + stime, seconds. */
   cpuSeconds: number;
+  /** stime alone (time in the kernel), seconds. */
+  sysSeconds: number;
 }
 
 export function procStats(pid: number): ProcStats | undefined {
@@ -107,7 +109,7 @@ export function procStats(pid: number): ProcStats | undefined {
     const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
     const utime = Number(rest[11]);
     const stime = Number(rest[12]);
-    return { hwmMb: kb("VmHWM") / 1024, rssMb: kb("VmRSS") / 1024, cpuSeconds: (utime + stime) / CLK_TCK };
+    return { hwmMb: kb("VmHWM") / 1024, rssMb: kb("VmRSS") / 1024, cpuSeconds: (utime + stime) / CLK_TCK, sysSeconds: stime / CLK_TCK };
   } catch {
     return undefined;
   }
@@ -207,6 +209,8 @@ export interface RelayStartOptions {
   args?: string[];
   /** node flags, e.g. ["--cpu-prof", "--cpu-prof-dir", dir]. */
   nodeArgs?: string[];
+  /** Another build of the relay (A/B comparisons); default this tree's dist/relay/main.js. */
+  main?: string;
 }
 
 /** Environment without any UPTRAKIT_* variable of the caller: the relay runs on its defaults. */
@@ -220,7 +224,7 @@ export async function startRelay(o: RelayStartOptions): Promise<RelayProc> {
   const dataDir = tempDir(`uptrakit-bench-${o.instanceId}-`);
   const args = [
     ...(o.nodeArgs ?? []),
-    RELAY_MAIN,
+    o.main ?? RELAY_MAIN,
     "run",
     "--instance-id",
     o.instanceId,
@@ -235,6 +239,13 @@ export async function startRelay(o: RelayStartOptions): Promise<RelayProc> {
   live.add(proc);
   let tail = "";
   let buf = "";
+  // BENCH_RELAY_LOG_DIR=<dir>: keep each relay's whole output (e.g. with --relay-node-args --trace-gc).
+  const logDir = process.env.BENCH_RELAY_LOG_DIR;
+  if (logDir) {
+    const out = fs.createWriteStream(path.join(logDir, `${o.instanceId}.log`));
+    proc.stdout!.pipe(out);
+    proc.stderr!.pipe(out);
+  }
   const running = new Promise<string>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`relay ${o.instanceId} not running within 20 s:\n${tail}`)), 20_000);
     proc.stdout!.setEncoding("utf8").on("data", (chunk: string) => {

@@ -93,8 +93,24 @@ function natsServerCommand(args: string[]): { file: string; args: string[] } {
   return { file: command.file, args: [...command.prefix, ...args] };
 }
 
-/** A port free right now: bind port 0 and read what the kernel picked. */
-export function freePort(): Promise<number> {
+/** Ports already handed out by this process: never give one twice. */
+const handedOut = new Set<number>();
+
+/**
+ * A port free right now: bind port 0 and read what the kernel picked. (Someone may still take it
+ * before our server binds it: the start functions retry on "address already in use".)
+ */
+export async function freePort(): Promise<number> {
+  for (;;) {
+    const port = await kernelPort();
+    if (!handedOut.has(port)) {
+      handedOut.add(port);
+      return port;
+    }
+  }
+}
+
+function kernelPort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const srv = net.createServer();
     srv.unref();
@@ -273,6 +289,17 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
 
 /** Starts an n-node JetStream cluster; resolves once every node routes to the others and a meta leader is elected. */
 export async function startNatsCluster(n = 3): Promise<NatsCluster> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await launchCluster(n);
+    } catch (err) {
+      // One of the free ports was taken meanwhile: start over on new ones.
+      if (!addressInUse(err) || attempt >= 5) throw err;
+    }
+  }
+}
+
+async function launchCluster(n: number): Promise<NatsCluster> {
   const clusterName = `c${process.pid}${Math.floor(Math.random() * 1e6)}`;
   const specs = [];
   for (let i = 1; i <= n; i++) {

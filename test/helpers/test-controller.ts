@@ -12,6 +12,7 @@ export class TestController {
   closeReason: string | undefined;
   private readonly ws: WebSocket;
   private waiters: Array<{ pred: (f: Frame) => boolean; resolve: (f: Frame) => void; from: number }> = [];
+  private readonly listeners = new Set<(f: Frame) => void>();
   private readonly closedP: Promise<void>;
   private nextId = 0;
 
@@ -21,6 +22,7 @@ export class TestController {
       const f = JSON.parse(isBinary ? "{}" : data.toString()) as Frame;
       this.frames.push(f);
       const idx = this.frames.length - 1;
+      for (const l of this.listeners) l(f);
       for (const w of [...this.waiters]) {
         if (idx >= w.from && w.pred(f)) {
           this.waiters.splice(this.waiters.indexOf(w), 1);
@@ -50,6 +52,12 @@ export class TestController {
     });
     c.ready = await c.next((f) => f.type === "ready");
     return c;
+  }
+
+  /** Calls listener with every frame from now on (a controller's handler); returns the unsubscribe. */
+  onFrame(listener: (f: Frame) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
   }
 
   /** Waits for a frame matching pred, looking at frames already received from index `from` on. */

@@ -1,0 +1,98 @@
+// The JetStream bus encodes and reads its message headers by hand (a hot path: see the comment on
+// readHeaders in relay/bus/jetstream.ts). These tests pin that to nats.js's own behaviour, and
+// check that the nats.js internals the fast reader relies on are still there.
+
+import t from "tap";
+import { connect, headers } from "@nats-io/transport-node";
+import { jetstream, jetstreamManager, AckPolicy, type JsMsg } from "@nats-io/jetstream";
+import { JetStreamBus, ackInfo, readHeaders } from "../relay/bus/jetstream.js";
+import { createLogger } from "../relay/log.js";
+import { startNatsServer } from "./helpers/nats-server.js";
+
+const STREAM = "UPTRAKIT_PUSH";
+const KEYS = { origin: "Uptrakit-Origin", id: "Uptrakit-Id", kind: "Uptrakit-Kind", publishedAt: "Uptrakit-Published-At", msgId: "Nats-Msg-Id" } as const;
+
+t.test("hand-made headers read back exactly as nats.js reads them", async (t) => {
+  const server = await startNatsServer();
+  t.teardown(() => server.stop());
+  const bus = new JetStreamBus({
+    instanceId: "hdr-a",
+    stream: STREAM,
+    ackWaitMs: 30_000,
+    maxDeliver: 3,
+    maxInFlight: 64,
+    maxAgeMs: 3_600_000,
+    inactiveThresholdMs: 7_200_000,
+    urls: [server.url],
+    replicas: 1,
+    auth: {},
+    logger: createLogger("silent", "hdr-a"),
+  });
+  t.teardown(() => bus.close());
+  await bus.start();
+
+  const nc = await connect({ servers: server.url });
+  t.teardown(() => nc.close());
+  const jsm = await jetstreamManager(nc);
+  await jsm.consumers.add(STREAM, { durable_name: "hdr-check", ack_policy: AckPolicy.Explicit });
+  const js = jetstream(nc);
+
+  // Through the bus (hand-encoded headers), including ids that need percent-encoding.
+  const ids = ["plain-1", "with space", "ünïcødé/ä?#", "line\nbreak", "x".repeat(128)];
+  for (const id of ids) await bus.publish({ id, kind: "Check", origin: "hdr-a", publishedAt: new Date().toISOString(), payloadJson: '{"a":1}' });
+  // Foreign publishers: generic headers, odd spacing, duplicates, missing ones, none at all.
+  const h1 = headers();
+  h1.set("Uptrakit-Origin", "  spaced  ");
+  h1.append("Uptrakit-Origin", "second");
+  h1.set("Uptrakit-Kind", "Foreign");
+  h1.set("X-Other", "a: b: c");
+  await js.publish("uptrakit.push.Foreign", "{}", { headers: h1, msgID: "foreign-1" });
+  await js.publish("uptrakit.push.Bare", "{}");
+  const h2 = headers();
+  h2.set("uptrakit-origin", "wrong-case-is-another-key");
+  await js.publish("uptrakit.push.Case", "{}", { headers: h2 });
+
+  const consumer = await js.consumers.get(STREAM, "hdr-check");
+  const msgs: JsMsg[] = [];
+  const iter = await consumer.fetch({ max_messages: ids.length + 3, expires: 5_000 });
+  for await (const m of iter) {
+    msgs.push(m);
+    m.ack();
+  }
+  t.equal(msgs.length, ids.length + 3, "every message came back");
+
+  for (const m of msgs) {
+    // The internals readHeaders() uses for its fast path (it falls back to m.headers without them).
+    const inner = (m as unknown as { msg: { _msg: { hdr: unknown }; _rdata: unknown } }).msg;
+    t.type(inner._msg.hdr, "number", "nats.js MsgImpl still has _msg.hdr");
+    t.ok(inner._rdata instanceof Uint8Array, "nats.js MsgImpl still has _rdata");
+    const reply = (m as unknown as { reply: unknown }).reply;
+    t.type(reply, "string", "nats.js JsMsg still exposes reply");
+    t.same(ackInfo(reply as string), { deliveryCount: m.info.deliveryCount, streamSequence: m.info.streamSequence }, "ackInfo agrees with m.info");
+    const fast = readHeaders(m);
+    const h = m.headers;
+    for (const [field, key] of Object.entries(KEYS)) {
+      t.equal(fast[field as keyof typeof KEYS], h ? h.get(key) : "", `${m.subject} #${m.seq}: ${key} as nats.js reads it`);
+    }
+  }
+  const ours = msgs.slice(0, ids.length);
+  t.same(
+    ours.map((m) => decodeURIComponent(readHeaders(m).id)),
+    ids,
+    "ids travel exactly",
+  );
+  t.same(
+    ours.map((m) => readHeaders(m).msgId),
+    ids.map((id) => `hdr-a:${encodeURIComponent(id)}`),
+    "Nats-Msg-Id is origin:id, as before",
+  );
+});
+
+t.test("ackInfo reads both ack subject layouts and refuses others", async (t) => {
+  t.same(ackInfo("$JS.ACK.S.C.2.17.5.1700000000000000000.0"), { deliveryCount: 2, streamSequence: 17 });
+  t.same(ackInfo("$JS.ACK.dom.ACCHASH.S.C.3.42.9.1700000000000000000.4.rnd"), { deliveryCount: 3, streamSequence: 42 });
+  t.same(ackInfo("$JS.ACK._..S.C.1.7.7.1700000000000000000.0"), { deliveryCount: 1, streamSequence: 7 });
+  t.equal(ackInfo("_INBOX.abc.def"), undefined);
+  t.equal(ackInfo("$JS.ACK.S.C.x.17.5.1.0"), undefined);
+  t.equal(ackInfo("$JS.ACK.S.C.2.17"), undefined);
+});
