@@ -39,8 +39,6 @@ export class DeliveryTracker {
    */
   private readonly inFlight = new Map<string, InFlight>();
   private sweepTimer: NodeJS.Timeout | undefined;
-  /** performance.now() the sweep timer is armed for. */
-  private sweepAt = Infinity;
   private gaugePending = false;
   private lastIso = "";
   private lastIsoMs = NaN;
@@ -238,14 +236,16 @@ export class DeliveryTracker {
     return this.lastIsoMs;
   }
 
-  /** Arms the one timer for the earliest deadline, unless it is already armed for it. */
+  /**
+   * Arms the one timer for the earliest deadline. An armed timer never fires late: every deadline
+   * is set to now + ackWaitMs, so none can come before the one it was armed for (it re-arms for
+   * the next head when it fires).
+   */
   private armSweep(): void {
+    if (this.sweepTimer) return;
     const head = this.inFlight.values().next();
-    if (head.done) return; // nothing to time: a timer already armed finds nothing and stops
+    if (head.done) return;
     const at = head.value.deadline;
-    if (this.sweepTimer && this.sweepAt <= at) return; // fires no later than needed; re-arms then
-    this.stopSweep();
-    this.sweepAt = at;
     // +1: timers may fire a hair early.
     this.sweepTimer = setTimeout(this.sweep, Math.max(0, at - performance.now() + 1));
   }
@@ -253,13 +253,11 @@ export class DeliveryTracker {
   private stopSweep(): void {
     if (this.sweepTimer) clearTimeout(this.sweepTimer);
     this.sweepTimer = undefined;
-    this.sweepAt = Infinity;
   }
 
   /** The ack wait ran out for every delivery at the head of the map with a past deadline. */
   private readonly sweep = (): void => {
     this.sweepTimer = undefined;
-    this.sweepAt = Infinity;
     const now = performance.now();
     for (const f of this.inFlight.values()) {
       if (f.deadline > now) break;

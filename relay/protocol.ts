@@ -91,8 +91,8 @@ function depthExceeds(value: unknown, limit: number, depth = 1): boolean {
     }
     return false;
   }
-  // JSON.parse makes plain objects: for...in sees exactly their own keys (Object.values's).
   for (const key in value) {
+    if (!Object.hasOwn(value, key)) continue; // own keys only, as Object.values had it
     const child: unknown = (value as Record<string, unknown>)[key];
     if (typeof child === "object" && child !== null && depthExceeds(child, limit, depth + 1)) return true;
   }

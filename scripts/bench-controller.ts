@@ -42,6 +42,8 @@ interface Expectation {
   first: number;
   last: number;
   lat: Float64Array | undefined;
+  /** Arrival times, kept with BENCH_DUMP_LATENCY (diagnostics). */
+  at: Float64Array | undefined;
 }
 let expecting: Expectation | undefined;
 let strays = 0;
@@ -69,9 +71,10 @@ function received(r: unknown, s: unknown, t: unknown, at: number): void {
   e.got++;
   e.last = at;
   if (e.lat && typeof t === "number") e.lat[s] = at - t;
+  if (e.at) e.at[s] = at;
   if (e.got === e.count) {
     expecting = undefined;
-    reply({ op: "received", run: e.run, count: e.got, dups: e.dups, strays, first: e.first, last: e.last, lat: e.lat ? Array.from(e.lat) : undefined });
+    reply({ op: "received", run: e.run, count: e.got, dups: e.dups, strays, first: e.first, last: e.last, lat: e.lat ? Array.from(e.lat) : undefined, at: e.at ? Array.from(e.at) : undefined });
   }
 }
 
@@ -233,6 +236,7 @@ async function handle(m: Msg): Promise<void> {
         first: 0,
         last: 0,
         lat: m.collect ? new Float64Array(count) : undefined,
+        at: m.collect && process.env.BENCH_DUMP_LATENCY ? new Float64Array(count) : undefined,
       };
       reply({ op: "expecting", run: m.run });
       return;

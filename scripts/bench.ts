@@ -6,18 +6,28 @@
 //   relay   controller A (RelayClient) → relay A → JetStream → relay B → controller B → ack
 //   sqlite  the same relay path on the embedded SQLite bus (two relays sharing one bus file)
 //
-// Per path and round: sustained throughput (--count messages, --concurrency publishes in flight),
-// then latency from the publish call to the receiving handler at a fixed offered rate (--rate for
-// --duration), the relays' peak RSS (VmHWM) and CPU seconds from /proc. Figures quoted are the
-// medians over --rounds rounds; ratios are relay ÷ direct of those medians.
+// Per path and round, on fresh processes (relays with their default settings):
+//   1. warm-up: --warmup messages as fast as allowed (JIT, connections), not recorded;
+//   2. a 1 s pause, 1 s of paced traffic (not recorded), then latency from the publish call to the
+//      receiving handler at a fixed offered rate (--rate for --duration; timestamps are
+//      performance.timeOrigin + performance.now() in both processes, embedded in the payload);
+//   3. a 1 s pause, then sustained throughput: --count messages with --concurrency publishes in
+//      flight, from the first publish call to the last message handled (and acked) on the far side;
+//   4. the relays' peak RSS (VmHWM) and CPU time (utime + stime) from /proc; also the CPU time of
+//      nats-server and the controllers, per message, for the whole path.
+// Figures quoted are the medians over --rounds rounds; ratios are relay ÷ direct of those medians.
 //
 // Other modes:
 //   --idle <s>       first-message latency after <s> seconds of silence (every path)
 //   --backlog <n>    <n> messages backlogged for a slow controller: the relays' peak RSS
+//   --alt n=main.js  also measure another relay build (A/B: e.g. before/after an optimisation)
+//   --profile <dir>  relays under node --cpu-prof (see scripts/cpuprofile-top.ts)
+// Diagnostics: BENCH_DUMP_LATENCY=<dir> keeps every latency sample; BENCH_RELAY_LOG_DIR=<dir>
+// keeps the relays' output; BENCH_CONTROLLER_NODE_ARGS adds node flags to the controllers.
 //
 //   npm run bench -- --quick --json bench.json
 //   npm run bench -- --rounds 5 --count 100000
-//   npm run bench -- --idle 60
+//   npm run bench -- --idle 60 --idle-samples 3
 //   npm run bench -- --backlog 100000
 
 import fs from "node:fs";
@@ -43,6 +53,8 @@ const RELAY_STREAM = "UPTRAKIT_PUSH";
 const RELAY_DEFAULT_MAX_IN_FLIGHT = 256;
 /** Between warm-up, latency and throughput: lets each phase's garbage and acks settle. */
 const PHASE_PAUSE_MS = 1_000;
+/** Paced traffic before the latency measurement, at the same rate (at most half of --duration). */
+const LATENCY_WARMUP_S = 1;
 
 // ---- options -------------------------------------------------------------------------------------
 
@@ -206,8 +218,10 @@ async function startRig(name: PathName, nats: NatsServerProc, jsm: JetStreamMana
     await Promise.all(relays.map((r) => r.stop()));
   };
   try {
-    const pub = forkChild(CONTROLLER);
-    const sub = forkChild(CONTROLLER);
+    // BENCH_CONTROLLER_NODE_ARGS: node flags for the controller children (diagnostics).
+    const controllerArgs = (process.env.BENCH_CONTROLLER_NODE_ARGS ?? "").split(/\s+/).filter(Boolean);
+    const pub = forkChild(CONTROLLER, controllerArgs);
+    const sub = forkChild(CONTROLLER, controllerArgs);
     children.push(pub, sub);
     if (name === "direct") {
       await resetDirect(jsm);
@@ -247,6 +261,8 @@ interface Received {
   first: number;
   last: number;
   lat?: number[];
+  /** Arrival times (ms since the epoch), with BENCH_DUMP_LATENCY. */
+  at?: number[];
 }
 interface Sent {
   t0: number;
@@ -303,7 +319,11 @@ async function measurePath(name: PathName, nats: NatsServerProc, jsm: JetStreamM
 
     // Latency at a fixed offered rate, after a pause that lets the warm-up's garbage settle.
     const snap = () => ({ relays: cpuOf(relayPids), nats: cpuOf([nats.pid]), clients: cpuOf(clientPids), relaysSys: sysOf(relayPids) });
+    // Then a paced warm-up, not recorded: the first second after a burst is not steady state
+    // (the burst's garbage is still being collected; seen in both paths, more in the relays).
     await sleep(PHASE_PAUSE_MS);
+    const warmN = Math.round(settings.rate * Math.min(LATENCY_WARMUP_S, settings.durationS / 2));
+    if (warmN > 0) await transfer(rig, warmN, { rate: settings.rate }, false, LATENCY_WARMUP_S * 1000 + 60_000);
     const l0 = snap();
     const n = Math.max(1, Math.round(settings.rate * settings.durationS));
     const lt = await transfer(rig, n, { rate: settings.rate }, true, settings.durationS * 1000 + 60_000);
@@ -317,7 +337,8 @@ async function measurePath(name: PathName, nats: NatsServerProc, jsm: JetStreamM
     const throughput = (settings.count * 1000) / (tp.recv.last - tp.sent.t0);
     const c2 = { relays: c1.relays + l1.relays - l0.relays };
     // BENCH_DUMP_LATENCY=<dir>: keep each latency run, in publish order, for a closer look.
-    if (process.env.BENCH_DUMP_LATENCY) fs.writeFileSync(path.join(process.env.BENCH_DUMP_LATENCY, `${name}-${round}.json`), JSON.stringify(lt.recv.lat ?? []));
+    if (process.env.BENCH_DUMP_LATENCY)
+      fs.writeFileSync(path.join(process.env.BENCH_DUMP_LATENCY, `${name}-${round}.json`), JSON.stringify({ lat: lt.recv.lat ?? [], at: lt.recv.at ?? [] }));
     const lat = Float64Array.from(lt.recv.lat ?? []).sort();
 
     const r: PathResult = {

@@ -19,6 +19,21 @@ interface Env {
   dir(): string;
 }
 
+/**
+ * SIGSTOP reaches each thread of a process in its own time: on a busy 2-core VM some threads of
+ * nats-server ran on for up to ~5 ms, long enough to answer a publish sent right after kill().
+ */
+async function allThreadsStopped(pid: number): Promise<void> {
+  const stopped = (stat: string): boolean => /^[Tt]/.test(stat.slice(stat.lastIndexOf(") ") + 2));
+  const deadline = Date.now() + 5_000;
+  for (;;) {
+    const tasks = fs.readdirSync(`/proc/${pid}/task`);
+    if (tasks.every((tid) => stopped(fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, "utf8")))) return;
+    if (Date.now() > deadline) throw new Error(`nats-server (pid ${pid}) did not stop within 5 s of SIGSTOP`);
+    await new Promise((resolve) => setTimeout(resolve, 1));
+  }
+}
+
 function setup(tt: Test): Env {
   const servers: NatsServer[] = [];
   const relays: RelayProcess[] = [];
@@ -307,6 +322,7 @@ t.test("outbox: a publish whose PubAck never came (stored after all) is flushed 
   const pid = server.process.pid!;
   let frozen = true;
   process.kill(pid, "SIGSTOP");
+  await allThreadsStopped(pid);
   tt.teardown(() => {
     if (frozen) process.kill(pid, "SIGCONT");
   });
@@ -334,6 +350,7 @@ t.test("outbox: a publish in flight when NATS dies is queued ahead of the ones a
   const pid = server.process.pid!;
   let frozen = true;
   process.kill(pid, "SIGSTOP"); // so that "first" is sent but never answered
+  await allThreadsStopped(pid);
   tt.teardown(() => {
     if (frozen) process.kill(pid, "SIGCONT");
   });
