@@ -36,7 +36,8 @@ import { fileURLToPath } from "node:url";
 import { Command, InvalidArgumentError } from "commander";
 import { connect, nanos, type NatsConnection } from "@nats-io/transport-node";
 import { AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
-import { forkChild, machineInfo, procStats, startNatsServer, startRelay, tempDir, type Child, type NatsServerProc, type RelayProc } from "./lib/procs.js";
+import { startNatsServer, type NatsServer } from "./lib/nats-server.js";
+import { forkChild, machineInfo, procStats, startRelay, tempDir, type Child, type RelayProc } from "./lib/procs.js";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CONTROLLER = path.join(here, "bench-controller.js");
@@ -210,7 +211,7 @@ async function resetDirect(jsm: JetStreamManager): Promise<void> {
   });
 }
 
-async function startRig(name: PathName, nats: NatsServerProc, jsm: JetStreamManager, tag: string): Promise<Rig> {
+async function startRig(name: PathName, nats: NatsServer, jsm: JetStreamManager, tag: string): Promise<Rig> {
   const relays: RelayProc[] = [];
   const children: Child[] = [];
   const stop = async (): Promise<void> => {
@@ -308,7 +309,7 @@ function sysOf(pids: number[]): number {
   return pids.reduce((sum, pid) => sum + (procStats(pid)?.sysSeconds ?? 0), 0);
 }
 
-async function measurePath(name: PathName, nats: NatsServerProc, jsm: JetStreamManager, round: number): Promise<PathResult> {
+async function measurePath(name: PathName, nats: NatsServer, jsm: JetStreamManager, round: number): Promise<PathResult> {
   const rig = await startRig(name, nats, jsm, `${round}${name.replace(/[^A-Za-z0-9]/g, "").slice(0, 20)}`);
   try {
     const conc = { concurrency: settings.concurrency };
@@ -318,7 +319,7 @@ async function measurePath(name: PathName, nats: NatsServerProc, jsm: JetStreamM
     const clientPids = [rig.pub.pid, rig.sub.pid];
 
     // Latency at a fixed offered rate, after a pause that lets the warm-up's garbage settle.
-    const snap = () => ({ relays: cpuOf(relayPids), nats: cpuOf([nats.pid]), clients: cpuOf(clientPids), relaysSys: sysOf(relayPids) });
+    const snap = () => ({ relays: cpuOf(relayPids), nats: cpuOf([nats.process.pid!]), clients: cpuOf(clientPids), relaysSys: sysOf(relayPids) });
     // Then a paced warm-up, not recorded: the first second after a burst is not steady state
     // (the burst's garbage is still being collected; seen in both paths, more in the relays).
     await sleep(PHASE_PAUSE_MS);
@@ -401,7 +402,7 @@ function table(res: Partial<Record<PathName, PathResult>>, ratios: Record<string
   return lines.join("\n");
 }
 
-async function benchMain(nats: NatsServerProc, jsm: JetStreamManager): Promise<Record<string, unknown>> {
+async function benchMain(nats: NatsServer, jsm: JetStreamManager): Promise<Record<string, unknown>> {
   const rounds: Array<Partial<Record<PathName, PathResult>>> = [];
   for (let round = 1; round <= settings.rounds; round++) {
     const r: Partial<Record<PathName, PathResult>> = {};
@@ -434,7 +435,7 @@ async function benchMain(nats: NatsServerProc, jsm: JetStreamManager): Promise<R
 
 // ---- idle: the first message after silence -----------------------------------------------------------
 
-async function benchIdle(nats: NatsServerProc, jsm: JetStreamManager, idleS: number): Promise<Record<string, unknown>> {
+async function benchIdle(nats: NatsServer, jsm: JetStreamManager, idleS: number): Promise<Record<string, unknown>> {
   const rigs: Rig[] = [];
   try {
     for (const p of settings.paths) rigs.push(await startRig(p, nats, jsm, `i${p[0]}`));
@@ -462,7 +463,7 @@ async function benchIdle(nats: NatsServerProc, jsm: JetStreamManager, idleS: num
 
 // ---- backlog: a slow controller, many messages waiting --------------------------------------------------
 
-async function benchBacklog(nats: NatsServerProc, jsm: JetStreamManager, n: number): Promise<Record<string, unknown>> {
+async function benchBacklog(nats: NatsServer, jsm: JetStreamManager, n: number): Promise<Record<string, unknown>> {
   const out: Record<string, unknown> = {};
   for (const p of settings.paths.filter((x) => x !== "direct")) {
     log(`backlog ${n} on ${p} (slow controller at ${o.slowRate} msg/s) ...`);
@@ -523,7 +524,7 @@ async function main(): Promise<void> {
   const started = Date.now();
   const machine = machineInfo();
   log(`machine: ${machine.nproc} cores (${machine.cpu}), node ${machine.node}, ${machine.natsServer}`);
-  const nats = await startNatsServer();
+  const nats = await startNatsServer({ storePrefix: "uptrakit-bench-nats-" });
   let nc: NatsConnection | undefined;
   let result: Record<string, unknown>;
   try {

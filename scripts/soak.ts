@@ -20,7 +20,8 @@ import fs from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Command, InvalidArgumentError } from "commander";
 import { startControllers, type LoadController } from "./lib/fault-harness.js";
-import { RestartableRelay, startCluster, type Cluster } from "./lib/fault-procs.js";
+import { RestartableRelay } from "./lib/fault-procs.js";
+import { startNatsCluster, type NatsCluster } from "./lib/nats-server.js";
 import { procStats } from "./lib/procs.js";
 
 const STREAM = "UPTRAKIT_PUSH";
@@ -100,11 +101,11 @@ async function main(): Promise<number> {
     `soak: ${opts.relays} relays on a ${opts.nodes}-node JetStream cluster (replicas 3), ${opts.rate} msg/s per controller for ${opts.duration} s, ` +
       `${opts.faultEvery > 0 ? `a fault (${faultKinds.join("/")}) every ${opts.faultEvery} s` : "no faults"}; seed ${seed}`,
   );
-  let cluster: Cluster | undefined;
+  let cluster: NatsCluster | undefined;
   const relays: RestartableRelay[] = [];
   let controllers: LoadController[] = [];
   try {
-    const nats = await startCluster(opts.nodes);
+    const nats = await startNatsCluster(opts.nodes, { storePrefix: "uptrakit-soak-" });
     cluster = nats;
     say(`[${at()}] cluster up: ${nats.nodes.map((n) => `${n.name}=${n.url}`).join(" ")}`);
     const relayArgs = ["--replicas", "3", "--ack-wait", "5s"];

@@ -1,13 +1,13 @@
-// Process helpers for the benchmark scripts: a throwaway nats-server, relay processes
-// (dist/relay/main.js) and controller children, plus /proc readings (peak RSS, CPU time).
-// Self-contained on purpose: scripts do not import from test/.
+// Process helpers for the benchmark scripts: relay processes (dist/relay/main.js) and controller
+// children, plus /proc readings (peak RSS, CPU time). nats-server comes from ./nats-server.js.
+// Scripts do not import from test/.
 
 import { fork, spawn, spawnSync, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { natsServerBinary } from "./nats-server.js";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** dist/relay/main.js, relative to this compiled file (dist/scripts/lib/procs.js). */
@@ -46,19 +46,6 @@ export function tempDir(prefix: string): string {
 export function removeTempDir(dir: string): void {
   fs.rmSync(dir, { recursive: true, force: true });
   tempDirs.delete(dir);
-}
-
-/** A port free right now: bind port 0 and read what the kernel picked. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 function waitExit(p: ChildProcess, timeoutMs: number): Promise<void> {
@@ -117,12 +104,6 @@ export function procStats(pid: number): ProcStats | undefined {
 
 // ---- machine -------------------------------------------------------------------------------------
 
-export function natsServerBinary(): string {
-  const found = spawnSync("sh", ["-c", "command -v nats-server"], { encoding: "utf8" });
-  const onPath = found.status === 0 ? found.stdout.trim() : "";
-  return onPath || "nats-server";
-}
-
 export function machineInfo(): Record<string, string | number> {
   const v = spawnSync(natsServerBinary(), ["--version"], { encoding: "utf8" });
   return {
@@ -132,59 +113,6 @@ export function machineInfo(): Record<string, string | number> {
     node: process.version,
     natsServer: (v.stdout || v.stderr || "unknown").trim(),
     platform: `${os.platform()} ${os.release()}`,
-  };
-}
-
-// ---- nats-server ----------------------------------------------------------------------------------
-
-export interface NatsServerProc {
-  url: string;
-  port: number;
-  pid: number;
-  storeDir: string;
-  stop(): Promise<void>;
-}
-
-/** Starts `nats-server -js` on a free local port with a temporary store. */
-export async function startNatsServer(): Promise<NatsServerProc> {
-  const port = await freePort();
-  const storeDir = tempDir("uptrakit-bench-nats-");
-  const child = spawn(natsServerBinary(), ["-js", "-a", "127.0.0.1", "-p", String(port), "-sd", storeDir], {
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  live.add(child);
-  let log = "";
-  await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`nats-server not ready within 15 s:\n${log}`)), 15_000);
-    const onData = (chunk: Buffer): void => {
-      log = (log + chunk.toString("utf8")).slice(-4000);
-      if (log.includes("Server is ready")) {
-        clearTimeout(timer);
-        resolve();
-      }
-    };
-    child.stdout!.on("data", onData);
-    child.stderr!.on("data", onData);
-    child.once("error", (err) => {
-      clearTimeout(timer);
-      reject(new Error(`cannot run nats-server: ${err.message}`));
-    });
-    child.once("exit", (code) => {
-      clearTimeout(timer);
-      reject(new Error(`nats-server exited with ${code}:\n${log}`));
-    });
-  });
-  return {
-    url: `nats://127.0.0.1:${port}`,
-    port,
-    pid: child.pid!,
-    storeDir,
-    stop: async () => {
-      child.kill("SIGTERM");
-      await waitExit(child, 10_000);
-      live.delete(child);
-      removeTempDir(storeDir);
-    },
   };
 }
 
