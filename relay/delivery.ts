@@ -59,9 +59,6 @@ export class DeliveryTracker {
     return this.inFlight.size;
   }
 
-  get parkedCount(): number {
-    return this.parked.length;
-  }
 
   /** A controller session starts: parked messages go to it first. */
   attach(send: (frame: string) => void): void {

@@ -227,6 +227,5 @@ export function deliverFrame(d: DeliverFields): string {
 
 // Close codes the relay uses on /ws (4000-4999 is the application range).
 export const CLOSE_NORMAL = 1000;
-export const CLOSE_GOING_AWAY = 1001;
 export const CLOSE_TOO_BIG = 1009;
 export const CLOSE_SUPERSEDED = 4001;

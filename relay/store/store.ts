@@ -72,14 +72,12 @@ export class RelayStore {
         "INSERT INTO dead_letters (id, kind, origin, published_at, payload, attempts, reason, dead_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
       ),
       deadAll: db.prepare("SELECT * FROM dead_letters ORDER BY seq"),
-      deadBySeq: db.prepare("SELECT * FROM dead_letters WHERE seq = ?"),
       deadReplayable: db.prepare("SELECT * FROM dead_letters WHERE replay_requested = 1 ORDER BY seq LIMIT ?"),
       deadRequestReplay: db.prepare("UPDATE dead_letters SET replay_requested = 1 WHERE id = ? OR CAST(seq AS TEXT) = ?"),
       deadRemove: db.prepare("DELETE FROM dead_letters WHERE seq = ?"),
       deadReturn: db.prepare("UPDATE dead_letters SET replay_requested = 0, attempts = attempts + ?, reason = ?, dead_at = ? WHERE seq = ?"),
       deadPurgeAll: db.prepare("DELETE FROM dead_letters"),
       deadPurgeBefore: db.prepare("DELETE FROM dead_letters WHERE dead_at < ?"),
-      deadCount: db.prepare("SELECT count(*) AS n FROM dead_letters"),
     };
   }
 
@@ -137,9 +135,6 @@ export class RelayStore {
     return (this.stmts.deadAll.all() as DeadRow[]).map(toDeadLetter);
   }
 
-  deadLetterCount(): number {
-    return (this.stmts.deadCount.get() as { n: number }).n;
-  }
 
   /** Marks dead letters for replay by message id or by seq; returns how many matched. */
   requestReplay(idOrSeq: string): number {
@@ -161,10 +156,6 @@ export class RelayStore {
     this.stmts.deadReturn.run(extraAttempts, reason, new Date().toISOString(), seq);
   }
 
-  getDeadLetter(seq: number): DeadLetter | undefined {
-    const r = this.stmts.deadBySeq.get(seq) as DeadRow | undefined;
-    return r ? toDeadLetter(r) : undefined;
-  }
 
   /** Removes all dead letters, or those that died before `before`; returns how many. */
   purgeDeadLetters(before?: Date): number {
