@@ -458,13 +458,15 @@ t.test("outages", async (t) => {
     const nc = await connect({ servers: s.url });
     t.teardown(() => nc.close());
     const jsm = await jetstreamManager(nc);
+    const st = statuses(t, bus);
     await jsm.consumers.delete(STREAM, "relay-a");
-    // Recreated by the consume loop: wait until it exists again, then publish.
-    for (;;) {
-      const ci = await jsm.consumers.info(STREAM, "relay-a").catch(() => null);
-      if (ci) break;
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    // The bus reports itself not connected while it recreates the consumer (publishes would go to
+    // the outbox), then connected again: wait for those events, not for the consumer to show up
+    // on the server, which happens a moment before the bus knows it.
+    const gone = await st.take((x) => x.state === "disconnected", 10_000, "the bus noticing the deletion");
+    t.match(gone.reason, /missing/);
+    await st.take((x) => x.state === "connected", 10_000, "the bus recreating its consumer");
+    t.ok(await jsm.consumers.info(STREAM, "relay-a"), "the consumer exists again");
     const m = message();
     await bus.publish(m);
     const back = await got.take((x) => x.id === m.id, 10_000, "message after recreate");
