@@ -153,7 +153,7 @@ async function run(o: StubOptions): Promise<void> {
     n += 1;
     const kind = KINDS[(n - 1) % KINDS.length]!;
     const payload = samplePayload(kind, n, o.name);
-    client.publish(kind, payload).then(
+    const settled = client.publish(kind, payload).then(
       (r) => print("published", { kind, id: r.id, queued: r.queued, seq: n }, `→ ${kind} id=${r.id}${r.queued ? " (queued by relay: bus unavailable)" : ""}`),
       (e: unknown) => {
         if (stopping) return;
@@ -162,7 +162,10 @@ async function run(o: StubOptions): Promise<void> {
       },
     );
     if (o.count !== undefined && n >= o.count) {
-      print("done_publishing", { count: n }, `sent ${n} publishes; now only receiving (Ctrl-C to stop)`);
+      // After the last publish is answered, so the line comes after its "→".
+      void settled.then(() => {
+        if (!stopping) print("done_publishing", { count: n }, `sent ${n} publishes; now only receiving (Ctrl-C to stop)`);
+      });
       return;
     }
     publishTimer = setTimeout(publishOne, o.publishEvery);

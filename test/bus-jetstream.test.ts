@@ -14,42 +14,10 @@ import { BusStartError, BusUnavailableError, type BusMessage, type BusSettings, 
 import { JetStreamBus } from "../relay/bus/jetstream.js";
 import type { NatsAuth } from "../relay/config.js";
 import { createLogger } from "../relay/log.js";
+import { Inbox } from "./helpers/inbox.js";
 import { freePort, startNatsCluster, startNatsServer, type NatsServer } from "./helpers/nats-server.js";
 
 const STREAM = "UPTRAKIT_TEST";
-
-/** Queue with awaitable, predicate-matched takes: no fixed sleeps. */
-class Inbox<T> {
-  private items: T[] = [];
-  private waiters: { match: (v: T) => boolean; resolve: (v: T) => void }[] = [];
-  push = (v: T): void => {
-    const i = this.waiters.findIndex((w) => w.match(v));
-    if (i >= 0) this.waiters.splice(i, 1)[0]!.resolve(v);
-    else this.items.push(v);
-  };
-  take(match: (v: T) => boolean = () => true, timeoutMs = 5000, what = "item"): Promise<T> {
-    const i = this.items.findIndex(match);
-    if (i >= 0) return Promise.resolve(this.items.splice(i, 1)[0]!);
-    return new Promise<T>((resolve, reject) => {
-      const w = {
-        match,
-        resolve: (v: T) => {
-          clearTimeout(timer);
-          resolve(v);
-        },
-      };
-      const timer = setTimeout(() => {
-        this.waiters.splice(this.waiters.indexOf(w), 1);
-        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`));
-      }, timeoutMs);
-      this.waiters.push(w);
-    });
-  }
-  /** True if nothing matching arrives within ms (a deliberate "nothing happens" check). */
-  async none(match: (v: T) => boolean, ms: number): Promise<boolean> {
-    return this.take(match, ms).then(() => false, () => true);
-  }
-}
 
 let seqNo = 0;
 function message(over: Partial<BusMessage> = {}): BusMessage {

@@ -6,57 +6,10 @@ import http from "node:http";
 import type { AddressInfo } from "node:net";
 import { once } from "node:events";
 import { WebSocketServer, type WebSocket } from "ws";
+import { Inbox } from "./helpers/inbox.js";
 import { LEAVE_UNSETTLED, NackError, RejectError, RelayClient, RelayError, type Delivery } from "../controller-stub/client.js";
 
 type Frame = Record<string, unknown> & { type: string };
-
-interface Waiter<T> {
-  match: (v: T) => boolean;
-  resolve: (v: T) => void;
-}
-
-/** Queue with awaitable, predicate-matched takes: no fixed sleeps in the tests. */
-class Inbox<T> {
-  private items: T[] = [];
-  private waiters: Waiter<T>[] = [];
-  push(v: T): void {
-    const i = this.waiters.findIndex((w) => w.match(v));
-    if (i >= 0) {
-      const [w] = this.waiters.splice(i, 1);
-      w!.resolve(v);
-    } else this.items.push(v);
-  }
-  take(match: (v: T) => boolean = () => true, timeoutMs = 3000, what = "item"): Promise<T> {
-    const i = this.items.findIndex(match);
-    if (i >= 0) return Promise.resolve(this.items.splice(i, 1)[0]!);
-    return new Promise<T>((resolve, reject) => {
-      const w: Waiter<T> = {
-        match,
-        resolve: (v) => {
-          clearTimeout(timer);
-          resolve(v);
-        },
-      };
-      const timer = setTimeout(() => {
-        this.waiters.splice(this.waiters.indexOf(w), 1);
-        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`));
-      }, timeoutMs);
-      this.waiters.push(w);
-    });
-  }
-  /** Resolves true if nothing matching arrives within ms (a "nothing happens" check). */
-  async none(match: (v: T) => boolean, ms: number): Promise<boolean> {
-    try {
-      await this.take(match, ms);
-      return false;
-    } catch {
-      return true;
-    }
-  }
-  get size(): number {
-    return this.items.length;
-  }
-}
 
 interface Conn {
   ws: WebSocket;
@@ -64,9 +17,9 @@ interface Conn {
 }
 
 class FakeRelay {
-  readonly frames = new Inbox<Frame>();
-  readonly conns = new Inbox<Conn>();
-  readonly upgrades = new Inbox<string | undefined>();
+  readonly frames = new Inbox<Frame>(3_000);
+  readonly conns = new Inbox<Conn>(3_000);
+  readonly upgrades = new Inbox<string | undefined>(3_000);
   current: WebSocket | null = null;
   sendReady = true;
   private readonly wss = new WebSocketServer({ noServer: true, perMessageDeflate: false });
