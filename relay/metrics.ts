@@ -24,6 +24,7 @@ export class RelayMetrics {
   readonly forbiddenKind = this.counter("forbidden_kind_total", "Publishes refused because their kind carries credentials");
   readonly invalidFrames = this.counter("invalid_frames_total", "Frames answered with an error (invalid, too large, unknown delivery)");
   readonly unavailable = this.counter("unavailable_total", "Publishes answered 'unavailable'");
+  readonly refused = this.counter("refused_total", "Publishes the bus refused for good (answered 'refused', or set aside from the outbox as dead letters)");
   readonly outboxFlushed = this.counter("outbox_flushed_total", "Queued publishes sent from the outbox to the bus");
 
   readonly outboxDepth = new Gauge({ name: "uptrakit_relay_outbox_depth", help: "Publishes waiting in the outbox", registers: [this.registry] });

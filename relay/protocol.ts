@@ -8,6 +8,8 @@ export type ErrorCode =
   | "frame_too_large"
   | "forbidden_kind"
   | "unavailable"
+  /** The bus refused this message for good (e.g. over NATS's max_payload): a retry cannot help. */
+  | "refused"
   | "unknown_delivery";
 
 // ---- controller → relay -------------------------------------------------------------------

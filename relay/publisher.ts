@@ -3,11 +3,17 @@
 // an unclear acknowledgement is stored once (the bus's duplicate window).
 
 import { BusUnavailableError, type Bus, type BusMessage } from "./bus/bus.js";
-import type { RelayStore } from "./store/store.js";
+import type { OutboxEntry, RelayStore } from "./store/store.js";
 import type { RelayMetrics } from "./metrics.js";
 import type { Logger } from "./log.js";
 
-export type PublishOutcome = { status: "published" } | { status: "queued" } | { status: "unavailable"; reason: string };
+export type PublishOutcome =
+  | { status: "published" }
+  | { status: "queued" }
+  /** Not now: retry later with the same id. */
+  | { status: "unavailable"; reason: string }
+  /** Never: the bus refused this message itself. */
+  | { status: "refused"; reason: string };
 
 export interface PublisherOptions {
   bus: Bus;
@@ -54,7 +60,7 @@ export class Publisher {
       } catch (err) {
         if (!(err instanceof BusUnavailableError)) {
           this.o.logger.error({ err, id: msg.id, kind: msg.kind }, "publish failed");
-          return { status: "unavailable", reason: `the bus refused the message: ${(err as Error).message}` };
+          return { status: "refused", reason: `the bus refused the message: ${(err as Error).message}` };
         }
         this.o.logger.warn({ id: msg.id, reason: (err as Error).message }, "bus unavailable; queueing in the outbox");
         return this.enqueue(msg);
@@ -134,12 +140,31 @@ export class Publisher {
       this.o.metrics.outboxFlushed.inc(sent);
       if (sent < batch.length) {
         const err = (results[sent] as PromiseRejectedResult).reason as Error;
+        if (!(err instanceof BusUnavailableError)) {
+          // The bus will never take this one (e.g. larger than the server's max_payload, which a
+          // publish made while disconnected could not be checked against). Retrying would block
+          // everything queued behind it for ever: keep it as a dead letter and go on.
+          this.setAside(batch[sent]!, err);
+          continue;
+        }
         this.o.logger.warn({ err: err.message, left: this.depth }, "outbox flush interrupted; will retry");
         return this.retryLater();
       }
       if (sent > 0) this.o.logger.info({ sent, left: this.depth }, "outbox flushed");
     }
     this.o.metrics.outboxDepth.set(this.depth);
+  }
+
+  /** Moves a queued publish the bus refused for good from the outbox to the dead letters. */
+  private setAside(m: OutboxEntry, err: Error): void {
+    const reason = `the bus refused this queued publish: ${err.message}`;
+    this.o.store.setAsideOutboxEntry(m, reason);
+    this.depth = this.o.store.outboxDepth();
+    this.o.metrics.outboxDepth.set(this.depth);
+    this.o.metrics.deadLettered.inc();
+    this.o.metrics.refused.inc();
+    // Never the payload: it may be anything the controller sent.
+    this.o.logger.error({ id: m.id, kind: m.kind, reason }, "queued publish refused by the bus; recorded as a dead letter");
   }
 
   private retryLater(): void {

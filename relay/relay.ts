@@ -231,9 +231,9 @@ export class Relay {
       publishedAt: isoNow(),
       payloadJson: f.payloadJson,
     });
-    if (outcome.status === "unavailable") {
-      this.metrics.unavailable.inc();
-      s.sendError({ id: f.id, code: "unavailable", message: outcome.reason });
+    if (outcome.status === "unavailable" || outcome.status === "refused") {
+      (outcome.status === "unavailable" ? this.metrics.unavailable : this.metrics.refused).inc();
+      s.sendError({ id: f.id, code: outcome.status, message: outcome.reason });
       return;
     }
     this.metrics.published.inc();

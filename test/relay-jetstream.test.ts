@@ -398,6 +398,51 @@ t.test("outbox: --outbox-max bounds it; beyond it publishes are refused 'unavail
   tt.same(firstOrder(cb, new Set(["q-1", "q-2", "q-3", "q-4"])), ["q-1", "q-2", "q-3", "q-4"]);
 });
 
+t.test("a message NATS will never take (over its max_payload) is refused, and never blocks the outbox", async (tt) => {
+  const env = setup(tt);
+  const conf = path.join(env.dir(), "nats.conf");
+  fs.writeFileSync(conf, "max_payload: 65536\n");
+  const server = await env.server({ args: ["-c", conf] });
+  const dataA = env.dir();
+  const ra = await env.relay({ instanceId: "alpha", natsUrl: server.url, dataDir: dataA });
+  const rb = await env.relay({ instanceId: "bravo", natsUrl: server.url });
+  const [ca, cb] = await Promise.all([env.controller(ra), env.controller(rb)]);
+  const big = { blob: "x".repeat(100_000) }; // under --max-frame-bytes, over the server's max_payload
+
+  // Connected: answered at once with "refused" (a retry cannot help), and the next publish works.
+  const refused = await ca.publish("VersionCheckCompleted", big, "big-direct");
+  tt.match(refused, { type: "error", id: "big-direct", code: "refused" });
+  tt.match(refused.message, /max_payload/);
+  tt.same(await ca.publish("VersionCheckCompleted", { n: 0 }, "small-0"), { type: "published", id: "small-0" });
+
+  // Disconnected: nothing can be checked against the server, so all three are queued...
+  await server.kill();
+  await ra.waitForLog((l) => l.msg === "bus disconnected", 10_000);
+  for (const [id, payload] of [["small-1", { n: 1 }], ["big-queued", big], ["small-2", { n: 2 }]] as const)
+    tt.same(await ca.publish("VersionCheckCompleted", payload, id), { type: "published", id, queued: true }, `${id} queued`);
+  // ...and once NATS is back the refused one is set aside as a dead letter, not retried for ever
+  // in front of the others.
+  const setAside = ra.waitForLog((l) => l.msg === "queued publish refused by the bus; recorded as a dead letter", 20_000);
+  const flushed = ra.waitForLog((l) => l.msg === "outbox flushed" && l.left === 0, 20_000);
+  await server.restart();
+  tt.equal((await setAside).id, "big-queued");
+  await flushed;
+  await waitForIds(cb, ["small-0", "small-1", "small-2"], 15_000);
+  tt.same(firstOrder(cb, new Set(["small-0", "small-1", "small-2"])), ["small-0", "small-1", "small-2"], "the rest arrived, in order");
+  tt.notOk(cb.deliveries().some((f) => f.id.startsWith("big-")), "nothing over max_payload was delivered");
+  tt.equal(await metric(ra, "uptrakit_relay_outbox_depth"), 0, "/metrics: the outbox is empty");
+  tt.equal(await metric(ra, "uptrakit_relay_refused_total"), 2, "/metrics: two refused (one answered, one set aside)");
+  tt.same(await ca.publish("VersionCheckCompleted", { n: 3 }, "small-3"), { type: "published", id: "small-3" }, "publishing goes straight to NATS again");
+
+  const dlq = await runRelayCli(["dlq", "list", "--json", "--data-dir", dataA]);
+  tt.equal(dlq.code, 0, dlq.stderr);
+  const dead = JSON.parse(dlq.stdout) as Frame[];
+  tt.equal(dead.length, 1, "one dead letter");
+  tt.match(dead[0], { id: "big-queued", origin: "alpha", kind: "VersionCheckCompleted", attempts: 1, reason: /refused this queued publish.*max_payload/ });
+  tt.same(dead[0]!.payload, big, "kept whole, for the operator");
+  tt.notOk(ra.logs.some((l) => JSON.stringify(l).includes("x".repeat(100))), "the payload is not logged");
+});
+
 // ---- 4. data dir problems ---------------------------------------------------------------------
 
 t.test("data dir problems are clear start-up errors naming the path", async (t) => {

@@ -121,6 +121,14 @@ export class RelayStore {
     this.stmts.outboxRemove.run(seq);
   }
 
+  /** Atomically moves an outbox entry the bus will never take to the dead letters (1 attempt). */
+  setAsideOutboxEntry(m: OutboxEntry, reason: string): void {
+    this.db.transaction(() => {
+      this.addDeadLetter(m, 1, reason);
+      this.outboxRemove(m.seq);
+    })();
+  }
+
   outboxDepth(): number {
     return (this.stmts.outboxCount.get() as { n: number }).n;
   }
