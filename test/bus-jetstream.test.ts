@@ -15,6 +15,7 @@ import { JetStreamBus } from "../relay/bus/jetstream.js";
 import type { NatsAuth } from "../relay/config.js";
 import { createLogger } from "../relay/log.js";
 import { Inbox } from "./helpers/inbox.js";
+import { makeTlsFiles } from "./helpers/tls-certs.js";
 import { freePort, startNatsCluster, startNatsServer, type NatsServer } from "./helpers/nats-server.js";
 
 const STREAM = "UPTRAKIT_TEST";
@@ -159,6 +160,35 @@ t.test("start-up failures say which problem and where", async (t) => {
     await newBus(t, withToken.url, { auth: { token: "t0ken" } }).start();
     const bad = await startError(newBus(t, withToken.url, { auth: { token: "nope" } }));
     t.match((bad.err as Error).message, "refused the credentials", "wrong token: refused");
+  });
+
+  t.test("TLS with a client certificate: the right files connect; a missing certificate, an untrusted server or a missing file fail clearly", async (t) => {
+    const tls = makeTlsFiles();
+    t.teardown(() => tls.remove());
+    const s = await server(t, { args: tls.serverArgs });
+    const good = newBus(t, s.url, { auth: { tlsCa: tls.ca, tlsCert: tls.clientCert, tlsKey: tls.clientKey } });
+    await good.start();
+    t.equal(good.status().state, "connected", "CA + client certificate + key: connected");
+    const got = collect(t, good);
+    const m = message({ origin: "relay-b" });
+    await good.publish(m);
+    (await got.take((x) => x.id === m.id, 5_000, "the message over TLS")).ack();
+
+    const untrusted = await startError(newBus(t, s.url, { instanceId: "relay-b", auth: { tlsCa: tls.otherCa, tlsCert: tls.clientCert, tlsKey: tls.clientKey } }));
+    t.type(untrusted.err, BusStartError);
+    t.match((untrusted.err as Error).message, `TLS with NATS at ${s.url} failed: `, "another CA: says TLS failed");
+    t.match((untrusted.err as Error).message, /--nats-tls-ca/);
+    const noCa = await startError(newBus(t, s.url, { instanceId: "relay-c" }));
+    t.match((noCa.err as Error).message, `TLS with NATS at ${s.url} failed: `, "no CA at all: says TLS failed");
+
+    const noCert = await startError(newBus(t, s.url, { instanceId: "relay-d", auth: { tlsCa: tls.ca } }));
+    t.type(noCert.err, BusStartError);
+    t.match((noCert.err as Error).message, `NATS at ${s.url}`);
+    t.match((noCert.err as Error).message, /--nats-tls-cert and --nats-tls-key/, "no client certificate: the hint names the options");
+
+    const missing = await startError(newBus(t, s.url, { instanceId: "relay-e", auth: { tlsCa: tls.ca, tlsCert: tls.clientCert, tlsKey: `${tls.dir}/absent.key` } }));
+    t.match((missing.err as Error).message, `cannot read the NATS TLS client key ${tls.dir}/absent.key`, "a missing key file is named");
+    t.ok(missing.ms < 1_000, `at once (${missing.ms} ms)`);
   });
 
   t.test("an unreadable seed file names the file", async (t) => {

@@ -11,6 +11,7 @@ import { jetstreamManager } from "@nats-io/jetstream";
 import { startNatsCluster, startNatsServer, type NatsCluster, type NatsServer, type NatsServerOptions } from "./helpers/nats-server.js";
 import { runRelayCli, startRelay, tempDir, type CliResult, type RelayProcess } from "./helpers/relay-process.js";
 import { TestController, upgradeStatus, type Frame } from "./helpers/test-controller.js";
+import { makeTlsFiles } from "./helpers/tls-certs.js";
 
 const STREAM = "UPTRAKIT_PUSH";
 
@@ -352,6 +353,35 @@ t.test("NATS user/password: flags and env vars work, a wrong password fails star
   assertNoSecrets(tt, "the failed start", wrong.stdout + wrong.stderr, [WRONG, PASS]);
   assertNoSecrets(tt, "the failed stream info", wrongInfo.stdout + wrongInfo.stderr, [WRONG, PASS]);
   assertNoSecrets(tt, "the refused URL", inUrl.stdout + inUrl.stderr, [PASS]);
+});
+
+t.test("NATS TLS with a client certificate: flags and env vars work, stream info too; an untrusted server fails start-up clearly", async (tt) => {
+  const env = setup(tt);
+  const tls = makeTlsFiles();
+  tt.teardown(() => tls.remove());
+  const nats = await env.nats({ args: tls.serverArgs });
+  const tlsUrl = nats.url.replace(/^nats:/, "tls:");
+  const files = ["--nats-tls-ca", tls.ca, "--nats-tls-cert", tls.clientCert, "--nats-tls-key", tls.clientKey];
+
+  const byFlag = await env.relay("tls-flag", tlsUrl, files);
+  const byEnv = await env.relay("tls-env", nats.url, [], {
+    env: { UPTRAKIT_NATS_TLS_CA: tls.ca, UPTRAKIT_NATS_TLS_CERT: tls.clientCert, UPTRAKIT_NATS_TLS_KEY: tls.clientKey },
+  });
+  tt.equal((await readyz(byFlag)).status, 200, "--nats-tls-ca/--nats-tls-cert/--nats-tls-key: ready");
+  tt.equal((await readyz(byEnv)).status, 200, "UPTRAKIT_NATS_TLS_CA/_CERT/_KEY: ready");
+  const [c1, c2] = await Promise.all([env.controller(byFlag), env.controller(byEnv)]);
+  await c2.publish("CertificateRenewed", {}, "over-tls");
+  tt.match(await c1.next((f) => f.type === "deliver"), { id: "over-tls", origin: "tls-env" }, "a message crossed over TLS");
+
+  const info = await runRelayCli(["stream", "info", "--json", "--instance-id", "tls-flag", "--nats-url", tlsUrl, ...files]);
+  tt.equal(info.code, 0, `stream info connects with the same options: ${info.stderr}`);
+  tt.equal(JSON.parse(info.stdout).consumer?.name, "tls-flag");
+
+  const untrusted = await runRelayCli(["run", "--instance-id", "tls-bad", "--data-dir", env.dir(), "--listen", "127.0.0.1:0", "--nats-url", tlsUrl,
+    "--nats-tls-ca", tls.otherCa, "--nats-tls-cert", tls.clientCert, "--nats-tls-key", tls.clientKey]);
+  tt.not(untrusted.code, 0, `a server certificate from another CA: exit ${untrusted.code}`);
+  tt.match(untrusted.stderr, /cannot start: TLS with NATS at .* failed: .*--nats-tls-ca/, "the reason is clear");
+  await Promise.all([c1.close(), c2.close()]);
 });
 
 // ---- graceful drain -----------------------------------------------------------------------------------

@@ -193,7 +193,19 @@ export class JetStreamBus implements Bus {
       return await connect(options);
     } catch (err) {
       if (isAuthError(err)) throw new BusStartError(`NATS at ${this.where} refused the credentials: ${describe(err)}`, { cause: err });
-      throw new BusStartError(`cannot reach NATS at ${this.where}: ${describe(err)}`, { cause: err });
+      if (isTlsError(err))
+        throw new BusStartError(
+          `TLS with NATS at ${this.where} failed: ${describe(err)} (is the server's certificate signed by the CA in --nats-tls-ca, and issued for this host name?)`,
+          { cause: err },
+        );
+      const a = this.opts.auth;
+      // With TLS 1.3 a server that requires a client certificate drops a client without one only
+      // after the handshake, and nats.js then reports nothing but a timeout.
+      const hint =
+        err instanceof natsErrors.TimeoutError && (a.tlsCa || a.tlsCert) && !(a.tlsCert && a.tlsKey)
+          ? " (if the server requires a client certificate, give it with --nats-tls-cert and --nats-tls-key)"
+          : "";
+      throw new BusStartError(`cannot reach NATS at ${this.where}: ${describe(err)}${hint}`, { cause: err });
     }
   }
 
@@ -215,9 +227,10 @@ export class JetStreamBus implements Bus {
     if (authenticators.length > 0) o.authenticator = authenticators;
     if (a.tlsCa || a.tlsCert || a.tlsKey) {
       o.tls = {};
-      if (a.tlsCa) o.tls.caFile = a.tlsCa;
-      if (a.tlsCert) o.tls.certFile = a.tlsCert;
-      if (a.tlsKey) o.tls.keyFile = a.tlsKey;
+      // nats.js would report a missing file as a connection failure: name the file instead.
+      if (a.tlsCa) o.tls.caFile = checkReadable(a.tlsCa, "TLS CA file");
+      if (a.tlsCert) o.tls.certFile = checkReadable(a.tlsCert, "TLS client certificate");
+      if (a.tlsKey) o.tls.keyFile = checkReadable(a.tlsKey, "TLS client key");
     }
     return o;
   }
@@ -1104,6 +1117,21 @@ function readAuthFile(file: string, what: string): Buffer {
   } catch (err) {
     throw new BusStartError(`cannot read the NATS ${what} ${file}: ${describe(err)}`, { cause: err });
   }
+}
+
+function checkReadable(file: string, what: string): string {
+  try {
+    fs.accessSync(file, fs.constants.R_OK);
+  } catch (err) {
+    throw new BusStartError(`cannot read the NATS ${what} ${file}: ${describe(err)}`, { cause: err });
+  }
+  return file;
+}
+
+/** Node's certificate verification failures (UNABLE_TO_VERIFY_LEAF_SIGNATURE, CERT_HAS_EXPIRED, ERR_TLS_CERT_ALTNAME_INVALID, ...). */
+function isTlsError(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" && /^(UNABLE_TO_|CERT_|ERR_TLS_|ERR_SSL_|DEPTH_ZERO_|SELF_SIGNED_|HOSTNAME_)/.test(code);
 }
 
 function isAuthError(err: unknown): boolean {
