@@ -16,6 +16,7 @@ import type { NatsAuth } from "../relay/config.js";
 import { createLogger } from "../relay/log.js";
 import { Inbox } from "./helpers/inbox.js";
 import { makeTlsFiles } from "./helpers/tls-certs.js";
+import { makeOperatorSetup } from "./helpers/nats-jwt.js";
 import { freePort, startNatsCluster, startNatsServer, type NatsServer } from "./helpers/nats-server.js";
 
 const STREAM = "UPTRAKIT_TEST";
@@ -189,6 +190,21 @@ t.test("start-up failures say which problem and where", async (t) => {
     const missing = await startError(newBus(t, s.url, { instanceId: "relay-e", auth: { tlsCa: tls.ca, tlsCert: tls.clientCert, tlsKey: `${tls.dir}/absent.key` } }));
     t.match((missing.err as Error).message, `cannot read the NATS TLS client key ${tls.dir}/absent.key`, "a missing key file is named");
     t.ok(missing.ms < 1_000, `at once (${missing.ms} ms)`);
+  });
+
+  t.test("a .creds file (operator/JWT mode) authenticates; a user of an unknown account is refused", async (t) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "uptrakit-creds-"));
+    t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+    const op = makeOperatorSetup(dir);
+    const s = await server(t, { args: op.serverArgs });
+    const good = newBus(t, s.url, { auth: { credsFile: op.creds } });
+    await good.start();
+    t.equal(good.status().state, "connected", "the creds file's user is accepted, and its account has JetStream");
+    for (const auth of [{ credsFile: op.foreignCreds }, {}]) {
+      const { err } = await startError(newBus(t, s.url, { instanceId: "relay-b", auth }));
+      t.type(err, BusStartError);
+      t.match((err as Error).message, `NATS at ${s.url} refused the credentials`, auth.credsFile ? "an unknown account: refused" : "no creds: refused");
+    }
   });
 
   t.test("an unreadable seed file names the file", async (t) => {

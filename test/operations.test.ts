@@ -12,6 +12,7 @@ import { startNatsCluster, startNatsServer, type NatsCluster, type NatsServer, t
 import { runRelayCli, startRelay, tempDir, type CliResult, type RelayProcess } from "./helpers/relay-process.js";
 import { TestController, upgradeStatus, type Frame } from "./helpers/test-controller.js";
 import { makeTlsFiles } from "./helpers/tls-certs.js";
+import { makeOperatorSetup } from "./helpers/nats-jwt.js";
 
 const STREAM = "UPTRAKIT_PUSH";
 
@@ -382,6 +383,33 @@ t.test("NATS TLS with a client certificate: flags and env vars work, stream info
   tt.not(untrusted.code, 0, `a server certificate from another CA: exit ${untrusted.code}`);
   tt.match(untrusted.stderr, /cannot start: TLS with NATS at .* failed: .*--nats-tls-ca/, "the reason is clear");
   await Promise.all([c1.close(), c2.close()]);
+});
+
+t.test("NATS .creds file: flag and env var work, stream info too, a user of an unknown account fails clearly, the seed is never logged", async (tt) => {
+  const env = setup(tt);
+  const op = makeOperatorSetup(env.dir());
+  const nats = await env.nats({ args: op.serverArgs });
+  const byFlag = await env.relay("creds-flag", nats.url, ["--nats-creds", op.creds, "--log-level", "trace"]);
+  const byEnv = await env.relay("creds-env", nats.url, [], { env: { UPTRAKIT_NATS_CREDS: op.creds } });
+  tt.equal((await readyz(byFlag)).status, 200, "--nats-creds: ready");
+  tt.equal((await readyz(byEnv)).status, 200, "UPTRAKIT_NATS_CREDS: ready");
+  const [c1, c2] = await Promise.all([env.controller(byFlag), env.controller(byEnv)]);
+  await c2.publish("VersionCheckCompleted", {}, "with-creds");
+  tt.match(await c1.next((f) => f.type === "deliver"), { id: "with-creds", origin: "creds-env" }, "a message crossed");
+  const info = await runRelayCli(["status", "--instance-id", "creds-flag", "--nats-url", nats.url, "--nats-creds", op.creds]);
+  tt.equal(info.code, 0, `status connects with the same options: ${info.stderr}`);
+  tt.match(info.stdout, /consumer: +creds-flag:/);
+
+  const foreign = await runRelayCli(["run", "--instance-id", "creds-bad", "--data-dir", env.dir(), "--listen", "127.0.0.1:0", "--nats-url", nats.url, "--nats-creds", op.foreignCreds]);
+  tt.not(foreign.code, 0, `a user of an unknown account: exit ${foreign.code}`);
+  tt.match(foreign.stderr, /cannot start: .*refused the credentials/i, "the reason is clear");
+
+  await Promise.all([c1.close(), c2.close()]);
+  tt.equal(await byFlag.stop("SIGTERM"), 0);
+  tt.equal(await byEnv.stop("SIGTERM"), 0);
+  assertNoSecrets(tt, "--nats-creds relay's logs", JSON.stringify(byFlag.logs) + byFlag.stderr(), [op.seed]);
+  assertNoSecrets(tt, "env creds relay's logs", JSON.stringify(byEnv.logs) + byEnv.stderr(), [op.seed]);
+  assertNoSecrets(tt, "status", info.stdout + info.stderr, [op.seed]);
 });
 
 // ---- graceful drain -----------------------------------------------------------------------------------
