@@ -4,9 +4,10 @@
 // It starts its own nats-server cluster (free loopback ports, temporary stores, stream replicas
 // 3), --relays relay processes each given every node's URL, and one controller (RelayClient) per
 // relay publishing --rate messages a second and acking all it receives. Every --fault-every
-// seconds one fault, chosen at random: SIGKILL a random node and restart it, or SIGKILL a random
-// relay and restart it with the same instance id, data dir and port (its controller reconnects by
-// itself). One fault at a time: each is over (restarted and ready) before the next is due.
+// seconds one fault, chosen at random: SIGKILL a random node and restart it, SIGKILL the node that
+// leads the stream (the worst case: no publish is stored until a new leader is elected) and
+// restart it, or SIGKILL a random relay and restart it with the same instance id, data dir and
+// port (its controller reconnects by itself). One fault at a time: each is over (restarted and ready) before the next is due.
 //
 // At the end publishing stops and the run drains: it waits (event-driven, bounded by
 // --drain-timeout) until every acknowledged message has reached every other controller, then
@@ -49,7 +50,7 @@ const opts = new Command("soak")
   .option("--relays <n>", "relays (each with a controller)", int(2, 20), 5)
   .option("--nodes <n>", "nats-server nodes in the cluster", int(3, 5), 3)
   .option("--down <s>", "how long a killed process stays down before its restart", num(0), 1.5)
-  .option("--faults <list>", "fault kinds to choose from: node,relay", "node,relay")
+  .option("--faults <list>", "fault kinds to choose from: node (a random node), leader (the stream leader's node), relay", "node,leader,relay")
   .option("--drain-timeout <s>", "how long to wait for every acknowledged message to arrive", num(1), 90)
   .option("--seed <n>", "random seed for the fault schedule", int(0, 2 ** 31))
   .option("--json <file>", "also write the result as JSON")
@@ -67,9 +68,9 @@ const opts = new Command("soak")
     json?: string;
   }>();
 
-const faultKinds = opts.faults.split(",").map((s) => s.trim()).filter((s): s is "node" | "relay" => s === "node" || s === "relay");
+const faultKinds = opts.faults.split(",").map((s) => s.trim()).filter((s): s is "node" | "leader" | "relay" => s === "node" || s === "leader" || s === "relay");
 if (faultKinds.length === 0) {
-  process.stderr.write("soak: --faults must name node and/or relay\n");
+  process.stderr.write("soak: --faults must name node, leader and/or relay\n");
   process.exit(2);
 }
 
@@ -137,9 +138,10 @@ async function main(): Promise<number> {
         await sleep(Math.max(0, due - Date.now()));
         const kind = pick(faultKinds);
         const began = Date.now();
-        if (kind === "node") {
-          const node = pick(nats.nodes);
-          const leader = (await nats.streamLeader(STREAM)) === node.name;
+        if (kind === "node" || kind === "leader") {
+          const leaderName = await nats.streamLeader(STREAM);
+          const node = (kind === "leader" && nats.nodes.find((x) => x.name === leaderName)) || pick(nats.nodes);
+          const leader = leaderName === node.name;
           await node.kill("SIGKILL");
           say(`[${at()}] fault ${n}: SIGKILL nats-server ${node.name}${leader ? " (stream leader)" : ""}`);
           await sleep(opts.down * 1000);
@@ -147,7 +149,7 @@ async function main(): Promise<number> {
           await node.restart();
           const recoverMs = Date.now() - began - downMs;
           say(`[${at()}]   ${node.name} restarted (down ${downMs} ms, ready ${recoverMs} ms later)`);
-          faults.push({ at: at(), kind, target: node.name, leader, downMs, recoverMs });
+          faults.push({ at: at(), kind: "node", target: node.name, leader, downMs, recoverMs });
         } else {
           const relay = pick(relays);
           await relay.kill("SIGKILL");
