@@ -87,9 +87,15 @@ export class Publisher {
   /** Starts a flush if there is something to flush and none is running. */
   kick(): void {
     if (this.closed || this.flushing || this.depth === 0) return;
-    this.flushing = this.flush().finally(() => {
-      this.flushing = undefined;
-    });
+    this.flushing = this.flush()
+      .catch((err: unknown) => {
+        // The store itself failed (disk full, I/O error): what is queued stays queued; try again.
+        this.o.logger.error({ err }, "outbox flush failed; will retry");
+        this.retryLater();
+      })
+      .finally(() => {
+        this.flushing = undefined;
+      });
   }
 
   /** Waits for a running flush to finish (used by drain). */

@@ -189,7 +189,6 @@ t.test("start-up failures say which problem and where", async (t) => {
 
     const missing = await startError(newBus(t, s.url, { instanceId: "relay-e", auth: { tlsCa: tls.ca, tlsCert: tls.clientCert, tlsKey: `${tls.dir}/absent.key` } }));
     t.match((missing.err as Error).message, `cannot read the NATS TLS client key ${tls.dir}/absent.key`, "a missing key file is named");
-    t.ok(missing.ms < 1_000, `at once (${missing.ms} ms)`);
   });
 
   t.test("a .creds file (operator/JWT mode) authenticates; a user of an unknown account is refused", async (t) => {
