@@ -117,7 +117,10 @@ dlq
     const n = store.requestReplay(id.replace(/^#/, ""));
     store.close();
     if (n === 0) fail(`no dead letter with id or seq ${JSON.stringify(id)}`);
-    process.stdout.write(`${n} dead letter${n === 1 ? "" : "s"} queued for replay; the running relay delivers ${n === 1 ? "it" : "them"} to its controller\n`);
+    process.stdout.write(
+      `${n} dead letter${n === 1 ? "" : "s"} queued for replay; the running relay delivers ${n === 1 ? "it" : "them"} to its controller ` +
+        `(or, for a publish of its own that the bus refused, publishes ${n === 1 ? "it" : "them"} again)\n`,
+    );
   });
 
 dlq

@@ -98,6 +98,13 @@ export class Publisher {
       });
   }
 
+  /** Something was put into the outbox behind the publisher's back (a replayed dead letter). */
+  requeued(): void {
+    this.depth = this.o.store.outboxDepth();
+    this.o.metrics.outboxDepth.set(this.depth);
+    this.kick();
+  }
+
   /** Waits for a running flush to finish (used by drain). */
   async settle(): Promise<void> {
     await this.flushing;

@@ -81,7 +81,18 @@ export class Relay {
         logger: this.log,
         deadLetter: (msg, attempts, reason) => this.recordDeadLetter(msg, attempts, reason),
       });
-      this.replay = new ReplaySource({ store: this.store, ackWaitMs: this.cfg.ackWaitMs, maxDeliver: this.cfg.maxDeliver, offer: (m) => this.tracker!.offer(m) });
+      this.replay = new ReplaySource({
+        store: this.store,
+        instanceId: this.cfg.instanceId,
+        ackWaitMs: this.cfg.ackWaitMs,
+        maxDeliver: this.cfg.maxDeliver,
+        offer: (m) => this.tracker!.offer(m),
+        republish: (row) => {
+          this.store!.requeueDeadLetter(row.seq);
+          this.log.info({ id: row.id, kind: row.kind }, "dead letter of this relay's own publish queued to be published again");
+          this.publisher!.requeued();
+        },
+      });
       this.unsubscribeStatus = this.bus.onStatus((s) => {
         this.metrics.natsConnected.set(s.state === "connected" ? 1 : 0);
         if (s.state === "connected") {

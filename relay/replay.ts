@@ -1,5 +1,7 @@
 // Replay of dead letters (`uptrakit-relay dlq replay`): the CLI marks rows in the relay's store,
 // the running relay picks them up and delivers them to its controller with fresh attempts.
+// A dead letter of this relay's own origin (a queued publish the bus refused) is never handed to
+// its own controller (no echoes): replaying it publishes it again.
 // A replayed message behaves like a bus message (ack wait, nack delay, attempt limit), but its
 // state lives in the store and the bus never sees it again.
 
@@ -10,11 +12,15 @@ const POLL_MS = 500;
 
 export interface ReplayOptions {
   store: RelayStore;
+  /** This relay's instance id: dead letters of this origin are republished, not delivered. */
+  instanceId: string;
   ackWaitMs: number;
   /** Deliveries per replay; after the last one the source goes quiet, as the bus does. */
   maxDeliver: number;
   /** Hands a replayed message to delivery (the same path as bus messages). */
   offer(msg: InboundMessage): void;
+  /** Sends a dead letter of this relay's own origin to the bus again. */
+  republish(row: DeadLetter): void;
 }
 
 export class ReplayedMessage implements InboundMessage {
@@ -91,6 +97,7 @@ export class ReplaySource {
   readonly store: RelayStore;
   readonly ackWaitMs: number;
   readonly maxDeliver: number;
+  private readonly o: ReplayOptions;
   private readonly offerFn: (msg: InboundMessage) => void;
   private readonly active = new Map<number, ReplayedMessage>();
   private poller: NodeJS.Timeout | undefined;
@@ -99,6 +106,7 @@ export class ReplaySource {
     this.store = o.store;
     this.ackWaitMs = o.ackWaitMs;
     this.maxDeliver = o.maxDeliver;
+    this.o = o;
     this.offerFn = o.offer;
   }
 
@@ -131,6 +139,10 @@ export class ReplaySource {
   private poll(): void {
     for (const row of this.store.replayRequests(64)) {
       if (this.active.has(row.seq)) continue;
+      if (row.origin === this.o.instanceId) {
+        this.o.republish(row);
+        continue;
+      }
       const msg = new ReplayedMessage(row, this);
       this.active.set(row.seq, msg);
       msg.arm();

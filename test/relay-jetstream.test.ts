@@ -440,6 +440,18 @@ t.test("a message NATS will never take (over its max_payload) is refused, and ne
   tt.equal(dead.length, 1, "one dead letter");
   tt.match(dead[0], { id: "big-queued", origin: "alpha", kind: "VersionCheckCompleted", attempts: 1, reason: /refused this queued publish.*max_payload/ });
   tt.same(dead[0]!.payload, big, "kept whole, for the operator");
+
+  // Replaying it (say, after raising max_payload) publishes it again: it is this relay's own
+  // message, so it is never handed to its own controller. Here NATS refuses it again.
+  const refusedAgain = ra.waitForLog((l) => l.msg === "queued publish refused by the bus; recorded as a dead letter" && l.id === "big-queued", 20_000);
+  const replay = await runRelayCli(["dlq", "replay", "big-queued", "--data-dir", dataA]);
+  tt.equal(replay.code, 0, replay.stderr);
+  await ra.waitForLog((l) => l.msg === "dead letter of this relay's own publish queued to be published again" && l.id === "big-queued", 20_000);
+  await refusedAgain;
+  const after = JSON.parse((await runRelayCli(["dlq", "list", "--json", "--data-dir", dataA])).stdout) as Frame[];
+  tt.match(after, [{ id: "big-queued", reason: /max_payload/ }], "refused again: back among the dead letters, once");
+  tt.notOk(ca.deliveries().some((f) => f.id === "big-queued"), "never delivered to its own controller");
+  tt.equal(await metric(ra, "uptrakit_relay_outbox_depth"), 0);
   tt.notOk(ra.logs.some((l) => JSON.stringify(l).includes("x".repeat(100))), "the payload is not logged");
 });
 

@@ -75,6 +75,9 @@ export class RelayStore {
       deadReplayable: db.prepare("SELECT * FROM dead_letters WHERE replay_requested = 1 ORDER BY seq LIMIT ?"),
       deadRequestReplay: db.prepare("UPDATE dead_letters SET replay_requested = 1 WHERE id = ? OR CAST(seq AS TEXT) = ?"),
       deadRemove: db.prepare("DELETE FROM dead_letters WHERE seq = ?"),
+      deadToOutbox: db.prepare(
+        "INSERT INTO outbox (id, kind, origin, published_at, payload) SELECT id, kind, origin, published_at, payload FROM dead_letters WHERE seq = ?",
+      ),
       deadReturn: db.prepare("UPDATE dead_letters SET replay_requested = 0, attempts = attempts + ?, reason = ?, dead_at = ? WHERE seq = ?"),
       deadPurgeAll: db.prepare("DELETE FROM dead_letters"),
       deadPurgeBefore: db.prepare("DELETE FROM dead_letters WHERE dead_at < ?"),
@@ -157,6 +160,14 @@ export class RelayStore {
   /** A replayed dead letter was acked: it is done. */
   removeDeadLetter(seq: number): void {
     this.stmts.deadRemove.run(seq);
+  }
+
+  /** Atomically moves a dead letter this relay published back into its outbox, to be sent again. */
+  requeueDeadLetter(seq: number): void {
+    this.db.transaction(() => {
+      this.stmts.deadToOutbox.run(seq);
+      this.stmts.deadRemove.run(seq);
+    })();
   }
 
   /** A replay failed again: back to the dead letters, counting the new attempts. */
