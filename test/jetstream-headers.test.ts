@@ -5,7 +5,8 @@
 import t from "tap";
 import { connect, headers } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, AckPolicy, type JsMsg } from "@nats-io/jetstream";
-import { JetStreamBus, ackInfo, readHeaders } from "../relay/bus/jetstream.js";
+import { JetStreamBus } from "../relay/bus/jetstream.js";
+import { ackInfo, readHeaders } from "../relay/bus/jetstream-wire.js";
 import { createLogger } from "../relay/log.js";
 import { startNatsServer } from "./helpers/nats-server.js";
 

@@ -10,13 +10,10 @@ import {
   createInbox,
   credsAuthenticator,
   errors as natsErrors,
-  headers,
-  MsgHdrsImpl,
   nanos,
   nkeyAuthenticator,
   type Authenticator,
   type Msg,
-  type MsgHdrs,
   type NatsConnection,
   type NodeConnectionOptions,
   type Subscription,
@@ -53,6 +50,8 @@ import {
   type PublishResult,
   type StreamInfo,
 } from "./bus.js";
+import { JsInbound, type Settler } from "./jetstream-inbound.js";
+import { SUBJECT_FILTER, SUBJECT_PREFIX, publishHeaders } from "./jetstream-wire.js";
 
 export type JetStreamBusOptions = BusSettings & {
   urls: string[];
@@ -60,14 +59,6 @@ export type JetStreamBusOptions = BusSettings & {
   auth: NatsAuth;
   logger: Logger;
 };
-
-const SUBJECT_PREFIX = "uptrakit.push";
-const SUBJECT_FILTER = `${SUBJECT_PREFIX}.>`;
-
-const HDR_ORIGIN = "Uptrakit-Origin";
-const HDR_ID = "Uptrakit-Id";
-const HDR_KIND = "Uptrakit-Kind";
-const HDR_PUBLISHED_AT = "Uptrakit-Published-At";
 
 /** An unreachable server must fail the connect within this. */
 const CONNECT_TIMEOUT_MS = 5_000;
@@ -872,237 +863,6 @@ export class JetStreamBus implements Bus {
   }
 }
 
-// ---- inbound messages ----------------------------------------------------------------------------
-
-interface Settler {
-  cork(): void;
-  /** Publishes a settle (+ACK, -NAK, +WPI, +TERM) to a message's reply subject. */
-  respond(reply: string, data: Uint8Array): void;
-  failed(err: unknown, seq: number, what: string): void;
-}
-
-// The JetStream ack protocol, as nats.js's JsMsg sends it.
-const ACK = Buffer.from("+ACK");
-const NAK = Buffer.from("-NAK");
-const WPI = Buffer.from("+WPI");
-const TERM = Buffer.from("+TERM");
-
-/**
- * One JetStream delivery as the relay sees it. A class rather than an object of closures (five
- * allocations per message fewer). It keeps nats.js's message only until the payload is read
- * (at once for a delivery; never for an echo, which is acked and dropped at once): an in-flight
- * message then holds its strings, not nats.js's objects and the read buffer they point into,
- * which made in-flight messages expensive for the garbage collector. Settles go to the reply
- * subject, as JsMsg's do.
- */
-class JsInbound implements InboundMessage {
-  readonly id: string;
-  readonly kind: string;
-  readonly origin: string;
-  readonly publishedAt: string;
-  readonly attempt: number;
-  readonly seq: number;
-  /** The ack subject; "" if nats.js did not expose it (then settles go through `legacy`). */
-  private readonly reply: string;
-  private readonly legacy: JsMsg | undefined;
-  private m: JsMsg | undefined;
-  private payload: string | undefined;
-  /** ack, nak or term sent: later ones are ignored, as JsMsg ignores them. */
-  private settled = false;
-
-  constructor(
-    m: JsMsg,
-    private readonly settler: Settler,
-  ) {
-    const h = readHeaders(m);
-    const reply = (m as unknown as { reply?: unknown }).reply;
-    this.reply = typeof reply === "string" ? reply : "";
-    if (!this.reply) this.legacy = m;
-    const info = ackInfo(this.reply) ?? m.info;
-    this.seq = info.streamSequence;
-    this.attempt = info.deliveryCount;
-    // A missing header reads as "": every fallback below applies to "" as well.
-    this.id = h.id ? decodeHeader(h.id) : h.msgId || `${m.info.stream}:${info.streamSequence}`;
-    this.kind = h.kind || m.subject.slice(SUBJECT_PREFIX.length + 1);
-    this.origin = h.origin;
-    this.publishedAt = h.publishedAt || m.time.toISOString();
-    this.m = m;
-  }
-
-  get payloadJson(): string {
-    if (this.payload === undefined) {
-      this.payload = this.m!.string();
-      this.m = undefined;
-    }
-    return this.payload;
-  }
-
-  ack(): void {
-    this.settle("ack");
-  }
-
-  nak(delayMs: number): void {
-    this.settle("nak", Math.max(0, delayMs));
-  }
-
-  working(): void {
-    this.settle("working");
-  }
-
-  term(): void {
-    this.settle("term");
-  }
-
-  // Settling on a closed connection throws; the server redelivers anyway, so just note it.
-  private settle(what: "ack" | "nak" | "working" | "term", delayMs = 0): void {
-    if (this.settled) return;
-    if (what !== "working") this.settled = true;
-    this.settler.cork();
-    try {
-      const legacy = this.legacy;
-      if (legacy) {
-        if (what === "ack") legacy.ack();
-        else if (what === "nak") legacy.nak(delayMs);
-        else if (what === "working") legacy.working();
-        else legacy.term(); // no reason: 2.9 ignores a term with a reason and redelivers
-      } else {
-        const data =
-          what === "ack" ? ACK
-          : what === "working" ? WPI
-          : what === "term" ? TERM // no reason, as above
-          : delayMs > 0 ? Buffer.from(`-NAK ${JSON.stringify({ delay: delayMs * 1_000_000 })}`)
-          : NAK;
-        this.settler.respond(this.reply, data);
-      }
-    } catch (err) {
-      this.settler.failed(err, this.seq, what);
-    }
-  }
-}
-
-/**
- * Delivery count and stream sequence from an ack subject, without nats.js's parseInfo (which
- * splits it into a dozen strings): $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
- * or, since 2.9's domains, $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.…
- * Undefined when the subject has neither shape (then m.info decides, or throws as before).
- */
-export function ackInfo(reply: string): { deliveryCount: number; streamSequence: number } | undefined {
-  if (!reply.startsWith("$JS.ACK.")) return undefined;
-  const dots: number[] = [];
-  for (let i = reply.indexOf("."); i >= 0; i = reply.indexOf(".", i + 1)) dots.push(i);
-  // tokens = dots + 1; the delivered count is token 4 (9 tokens) or token 6 (11 or more).
-  const first = dots.length === 8 ? 4 : dots.length >= 10 ? 6 : -1;
-  if (first < 0) return undefined;
-  const deliveryCount = Number(reply.slice(dots[first - 1]! + 1, dots[first]!));
-  const streamSequence = Number(reply.slice(dots[first]! + 1, dots[first + 1]!));
-  if (!Number.isSafeInteger(deliveryCount) || !Number.isSafeInteger(streamSequence)) return undefined;
-  return { deliveryCount, streamSequence };
-}
-
-// ---- headers ---------------------------------------------------------------------------------------
-// Every message carries five headers. nats.js builds and parses them generically (a Map of arrays,
-// key canonicalisation and value validation per header, one string split per message); both
-// showed in the relay's profile, so the relay encodes and reads its own headers directly.
-
-const CR_OR_LF = /[\r\n]/;
-
-/** Headers encoded once, by hand; nats.js's publish() sends whatever encode() returns. */
-class EncodedHeaders extends MsgHdrsImpl {
-  constructor(private readonly bytes: Uint8Array) {
-    super();
-  }
-
-  override encode(): Uint8Array {
-    return this.bytes;
-  }
-}
-
-function publishHeaders(msg: BusMessage): MsgHdrs {
-  const id = encodeHeader(msg.id); // percent-encoded: never holds CR or LF
-  if (CR_OR_LF.test(msg.origin) || CR_OR_LF.test(msg.kind) || CR_OR_LF.test(msg.publishedAt)) {
-    // Not a relay-made message (those have validated ids, kinds and ISO times): the generic way,
-    // which refuses such values.
-    const h = headers();
-    h.set(HDR_ORIGIN, msg.origin);
-    h.set(HDR_ID, id);
-    h.set(HDR_KIND, msg.kind);
-    h.set(HDR_PUBLISHED_AT, msg.publishedAt);
-    h.set("Nats-Msg-Id", `${msg.origin}:${id}`);
-    return h;
-  }
-  // The wire format of MsgHdrsImpl.encode(): values trimmed, as it trims them.
-  const origin = msg.origin.trim();
-  const text =
-    `NATS/1.0\r\n${HDR_ORIGIN}: ${origin}\r\n${HDR_ID}: ${id}\r\n${HDR_KIND}: ${msg.kind.trim()}\r\n` +
-    `${HDR_PUBLISHED_AT}: ${msg.publishedAt.trim()}\r\nNats-Msg-Id: ${origin}:${id}\r\n\r\n`;
-  return new EncodedHeaders(Buffer.from(text));
-}
-
-interface RelayHeaders {
-  origin: string;
-  id: string;
-  kind: string;
-  publishedAt: string;
-  msgId: string;
-}
-
-/**
- * The relay's headers of a delivered message ("" when absent), with the semantics of nats.js's
- * MsgHdrsImpl.decode() + get(): exact key match, first value wins, values trimmed. Reads the raw
- * header block when nats.js's message exposes it, else goes through m.headers.
- */
-export function readHeaders(m: JsMsg): RelayHeaders {
-  const out: RelayHeaders = { origin: "", id: "", kind: "", publishedAt: "", msgId: "" };
-  const block = rawHeaderBlock(m);
-  if (block === undefined) {
-    const h = m.headers;
-    if (h) {
-      out.origin = h.get(HDR_ORIGIN);
-      out.id = h.get(HDR_ID);
-      out.kind = h.get(HDR_KIND);
-      out.publishedAt = h.get(HDR_PUBLISHED_AT);
-      out.msgId = h.get("Nats-Msg-Id");
-    }
-    return out;
-  }
-  if (block.length === 0) return out;
-  const text = Buffer.from(block.buffer, block.byteOffset, block.byteLength).toString("utf8");
-  let pos = text.indexOf("\r\n"); // past the status line, NATS/1.0
-  if (pos < 0) return out;
-  pos += 2;
-  let seen = 0; // one bit per field: the first value of a key wins, even an empty one
-  while (pos < text.length) {
-    let end = text.indexOf("\r\n", pos);
-    if (end < 0) end = text.length;
-    const colon = text.indexOf(":", pos);
-    if (colon > pos && colon < end) {
-      const key = text.slice(pos, colon);
-      let field: keyof RelayHeaders | undefined;
-      let bit = 0;
-      if (key === HDR_ORIGIN) (field = "origin"), (bit = 1);
-      else if (key === HDR_ID) (field = "id"), (bit = 2);
-      else if (key === HDR_KIND) (field = "kind"), (bit = 4);
-      else if (key === HDR_PUBLISHED_AT) (field = "publishedAt"), (bit = 8);
-      else if (key === "Nats-Msg-Id") (field = "msgId"), (bit = 16);
-      if (field !== undefined && (seen & bit) === 0) {
-        seen |= bit;
-        out[field] = text.slice(colon + 1, end).trim();
-      }
-    }
-    pos = end + 2;
-  }
-  return out;
-}
-
-/** The raw header block of a nats.js message (internals of MsgImpl); undefined when not found. */
-function rawHeaderBlock(m: JsMsg): Uint8Array | undefined {
-  const inner = (m as unknown as { msg?: { _msg?: { hdr?: unknown }; _rdata?: unknown } }).msg;
-  const hdr = inner?._msg?.hdr;
-  const data = inner?._rdata;
-  if (typeof hdr !== "number" || !(data instanceof Uint8Array)) return undefined;
-  return hdr > 0 ? data.subarray(0, hdr) : new Uint8Array(0);
-}
-
 // ---- helpers --------------------------------------------------------------------------------------
 
 function describe(err: unknown): string {
@@ -1185,18 +945,4 @@ function sameSet(a: string[], b: string[]): boolean {
 /** Names of the fields of `want` whose value differs in `have`. */
 function changedFields(have: ConsumerConfig, want: Partial<ConsumerConfig>): string[] {
   return (Object.keys(want) as (keyof ConsumerConfig)[]).filter((k) => have[k] !== want[k]);
-}
-
-// Header values cannot hold CR/LF and nats.js trims them: percent-encode a publish id (a no-op for
-// ordinary ids) so every id travels and comes back exactly.
-function encodeHeader(v: string): string {
-  return encodeURIComponent(v);
-}
-
-function decodeHeader(v: string): string {
-  try {
-    return decodeURIComponent(v);
-  } catch {
-    return v;
-  }
 }

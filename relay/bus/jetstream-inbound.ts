@@ -1,0 +1,111 @@
+// One JetStream delivery as the relay sees it (JsInbound), settled straight to its reply subject.
+
+import type { JsMsg } from "@nats-io/jetstream";
+import type { InboundMessage } from "./bus.js";
+import { SUBJECT_PREFIX, ackInfo, decodeHeader, readHeaders } from "./jetstream-wire.js";
+
+export interface Settler {
+  cork(): void;
+  /** Publishes a settle (+ACK, -NAK, +WPI, +TERM) to a message's reply subject. */
+  respond(reply: string, data: Uint8Array): void;
+  failed(err: unknown, seq: number, what: string): void;
+}
+
+// The JetStream ack protocol, as nats.js's JsMsg sends it.
+const ACK = Buffer.from("+ACK");
+const NAK = Buffer.from("-NAK");
+const WPI = Buffer.from("+WPI");
+const TERM = Buffer.from("+TERM");
+
+/**
+ * One JetStream delivery as the relay sees it. A class rather than an object of closures (five
+ * allocations per message fewer). It keeps nats.js's message only until the payload is read
+ * (at once for a delivery; never for an echo, which is acked and dropped at once): an in-flight
+ * message then holds its strings, not nats.js's objects and the read buffer they point into,
+ * which made in-flight messages expensive for the garbage collector. Settles go to the reply
+ * subject, as JsMsg's do.
+ */
+export class JsInbound implements InboundMessage {
+  readonly id: string;
+  readonly kind: string;
+  readonly origin: string;
+  readonly publishedAt: string;
+  readonly attempt: number;
+  readonly seq: number;
+  /** The ack subject; "" if nats.js did not expose it (then settles go through `legacy`). */
+  private readonly reply: string;
+  private readonly legacy: JsMsg | undefined;
+  private m: JsMsg | undefined;
+  private payload: string | undefined;
+  /** ack, nak or term sent: later ones are ignored, as JsMsg ignores them. */
+  private settled = false;
+
+  constructor(
+    m: JsMsg,
+    private readonly settler: Settler,
+  ) {
+    const h = readHeaders(m);
+    const reply = (m as unknown as { reply?: unknown }).reply;
+    this.reply = typeof reply === "string" ? reply : "";
+    if (!this.reply) this.legacy = m;
+    const info = ackInfo(this.reply) ?? m.info;
+    this.seq = info.streamSequence;
+    this.attempt = info.deliveryCount;
+    // A missing header reads as "": every fallback below applies to "" as well.
+    this.id = h.id ? decodeHeader(h.id) : h.msgId || `${m.info.stream}:${info.streamSequence}`;
+    this.kind = h.kind || m.subject.slice(SUBJECT_PREFIX.length + 1);
+    this.origin = h.origin;
+    this.publishedAt = h.publishedAt || m.time.toISOString();
+    this.m = m;
+  }
+
+  get payloadJson(): string {
+    if (this.payload === undefined) {
+      this.payload = this.m!.string();
+      this.m = undefined;
+    }
+    return this.payload;
+  }
+
+  ack(): void {
+    this.settle("ack");
+  }
+
+  nak(delayMs: number): void {
+    this.settle("nak", Math.max(0, delayMs));
+  }
+
+  working(): void {
+    this.settle("working");
+  }
+
+  term(): void {
+    this.settle("term");
+  }
+
+  // Settling on a closed connection throws; the server redelivers anyway, so just note it.
+  private settle(what: "ack" | "nak" | "working" | "term", delayMs = 0): void {
+    if (this.settled) return;
+    if (what !== "working") this.settled = true;
+    this.settler.cork();
+    try {
+      const legacy = this.legacy;
+      if (legacy) {
+        if (what === "ack") legacy.ack();
+        else if (what === "nak") legacy.nak(delayMs);
+        else if (what === "working") legacy.working();
+        else legacy.term(); // no reason: 2.9 ignores a term with a reason and redelivers
+      } else {
+        const data =
+          what === "ack" ? ACK
+          : what === "working" ? WPI
+          : what === "term" ? TERM // no reason, as above
+          : delayMs > 0 ? Buffer.from(`-NAK ${JSON.stringify({ delay: delayMs * 1_000_000 })}`)
+          : NAK;
+        this.settler.respond(this.reply, data);
+      }
+    } catch (err) {
+      this.settler.failed(err, this.seq, what);
+    }
+  }
+}

@@ -1,0 +1,148 @@
+// The relay's wire format on NATS: its subjects, the five headers every message carries, and the
+// JetStream ack subject. nats.js builds and parses headers generically (a Map of arrays, key
+// canonicalisation and value validation per header, one string split per message); both showed in
+// the relay's profile, so the relay encodes and reads its own.
+
+import { MsgHdrsImpl, headers, type MsgHdrs } from "@nats-io/transport-node";
+import type { JsMsg } from "@nats-io/jetstream";
+import type { BusMessage } from "./bus.js";
+
+export const SUBJECT_PREFIX = "uptrakit.push";
+export const SUBJECT_FILTER = `${SUBJECT_PREFIX}.>`;
+
+const HDR_ORIGIN = "Uptrakit-Origin";
+const HDR_ID = "Uptrakit-Id";
+const HDR_KIND = "Uptrakit-Kind";
+const HDR_PUBLISHED_AT = "Uptrakit-Published-At";
+
+const CR_OR_LF = /[\r\n]/;
+
+/** Headers encoded once, by hand; nats.js's publish() sends whatever encode() returns. */
+class EncodedHeaders extends MsgHdrsImpl {
+  constructor(private readonly bytes: Uint8Array) {
+    super();
+  }
+
+  override encode(): Uint8Array {
+    return this.bytes;
+  }
+}
+
+export function publishHeaders(msg: BusMessage): MsgHdrs {
+  const id = encodeHeader(msg.id); // percent-encoded: never holds CR or LF
+  if (CR_OR_LF.test(msg.origin) || CR_OR_LF.test(msg.kind) || CR_OR_LF.test(msg.publishedAt)) {
+    // Not a relay-made message (those have validated ids, kinds and ISO times): the generic way,
+    // which refuses such values.
+    const h = headers();
+    h.set(HDR_ORIGIN, msg.origin);
+    h.set(HDR_ID, id);
+    h.set(HDR_KIND, msg.kind);
+    h.set(HDR_PUBLISHED_AT, msg.publishedAt);
+    h.set("Nats-Msg-Id", `${msg.origin}:${id}`);
+    return h;
+  }
+  // The wire format of MsgHdrsImpl.encode(): values trimmed, as it trims them.
+  const origin = msg.origin.trim();
+  const text =
+    `NATS/1.0\r\n${HDR_ORIGIN}: ${origin}\r\n${HDR_ID}: ${id}\r\n${HDR_KIND}: ${msg.kind.trim()}\r\n` +
+    `${HDR_PUBLISHED_AT}: ${msg.publishedAt.trim()}\r\nNats-Msg-Id: ${origin}:${id}\r\n\r\n`;
+  return new EncodedHeaders(Buffer.from(text));
+}
+
+interface RelayHeaders {
+  origin: string;
+  id: string;
+  kind: string;
+  publishedAt: string;
+  msgId: string;
+}
+
+/**
+ * The relay's headers of a delivered message ("" when absent), with the semantics of nats.js's
+ * MsgHdrsImpl.decode() + get(): exact key match, first value wins, values trimmed. Reads the raw
+ * header block when nats.js's message exposes it, else goes through m.headers.
+ */
+export function readHeaders(m: JsMsg): RelayHeaders {
+  const out: RelayHeaders = { origin: "", id: "", kind: "", publishedAt: "", msgId: "" };
+  const block = rawHeaderBlock(m);
+  if (block === undefined) {
+    const h = m.headers;
+    if (h) {
+      out.origin = h.get(HDR_ORIGIN);
+      out.id = h.get(HDR_ID);
+      out.kind = h.get(HDR_KIND);
+      out.publishedAt = h.get(HDR_PUBLISHED_AT);
+      out.msgId = h.get("Nats-Msg-Id");
+    }
+    return out;
+  }
+  if (block.length === 0) return out;
+  const text = Buffer.from(block.buffer, block.byteOffset, block.byteLength).toString("utf8");
+  let pos = text.indexOf("\r\n"); // past the status line, NATS/1.0
+  if (pos < 0) return out;
+  pos += 2;
+  let seen = 0; // one bit per field: the first value of a key wins, even an empty one
+  while (pos < text.length) {
+    let end = text.indexOf("\r\n", pos);
+    if (end < 0) end = text.length;
+    const colon = text.indexOf(":", pos);
+    if (colon > pos && colon < end) {
+      const key = text.slice(pos, colon);
+      let field: keyof RelayHeaders | undefined;
+      let bit = 0;
+      if (key === HDR_ORIGIN) (field = "origin"), (bit = 1);
+      else if (key === HDR_ID) (field = "id"), (bit = 2);
+      else if (key === HDR_KIND) (field = "kind"), (bit = 4);
+      else if (key === HDR_PUBLISHED_AT) (field = "publishedAt"), (bit = 8);
+      else if (key === "Nats-Msg-Id") (field = "msgId"), (bit = 16);
+      if (field !== undefined && (seen & bit) === 0) {
+        seen |= bit;
+        out[field] = text.slice(colon + 1, end).trim();
+      }
+    }
+    pos = end + 2;
+  }
+  return out;
+}
+
+/** The raw header block of a nats.js message (internals of MsgImpl); undefined when not found. */
+function rawHeaderBlock(m: JsMsg): Uint8Array | undefined {
+  const inner = (m as unknown as { msg?: { _msg?: { hdr?: unknown }; _rdata?: unknown } }).msg;
+  const hdr = inner?._msg?.hdr;
+  const data = inner?._rdata;
+  if (typeof hdr !== "number" || !(data instanceof Uint8Array)) return undefined;
+  return hdr > 0 ? data.subarray(0, hdr) : new Uint8Array(0);
+}
+
+// Header values cannot hold CR/LF and nats.js trims them: percent-encode a publish id (a no-op for
+// ordinary ids) so every id travels and comes back exactly.
+function encodeHeader(v: string): string {
+  return encodeURIComponent(v);
+}
+
+export function decodeHeader(v: string): string {
+  try {
+    return decodeURIComponent(v);
+  } catch {
+    return v;
+  }
+}
+
+/**
+ * Delivery count and stream sequence from an ack subject, without nats.js's parseInfo (which
+ * splits it into a dozen strings): $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+ * or, since 2.9's domains, $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.…
+ * Undefined when the subject has neither shape (then m.info decides, or throws as before).
+ */
+export function ackInfo(reply: string): { deliveryCount: number; streamSequence: number } | undefined {
+  if (!reply.startsWith("$JS.ACK.")) return undefined;
+  const dots: number[] = [];
+  for (let i = reply.indexOf("."); i >= 0; i = reply.indexOf(".", i + 1)) dots.push(i);
+  // tokens = dots + 1; the delivered count is token 4 (9 tokens) or token 6 (11 or more).
+  const first = dots.length === 8 ? 4 : dots.length >= 10 ? 6 : -1;
+  if (first < 0) return undefined;
+  const deliveryCount = Number(reply.slice(dots[first - 1]! + 1, dots[first]!));
+  const streamSequence = Number(reply.slice(dots[first]! + 1, dots[first + 1]!));
+  if (!Number.isSafeInteger(deliveryCount) || !Number.isSafeInteger(streamSequence)) return undefined;
+  return { deliveryCount, streamSequence };
+}
