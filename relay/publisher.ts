@@ -28,7 +28,8 @@ const FLUSH_RETRY_MS = 1000;
 
 export class Publisher {
   private readonly o: PublisherOptions;
-  private depth: number;
+  /** Rows in the outbox (kept in step with the store by recount() and enqueue()). */
+  private depth = 0;
   private flushing: Promise<void> | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
   private closed = false;
@@ -40,8 +41,7 @@ export class Publisher {
 
   constructor(o: PublisherOptions) {
     this.o = o;
-    this.depth = o.store.outboxDepth();
-    o.metrics.outboxDepth.set(this.depth);
+    this.recount();
   }
 
   get outboxDepth(): number {
@@ -100,8 +100,7 @@ export class Publisher {
 
   /** Something was put into the outbox behind the publisher's back (a replayed dead letter). */
   requeued(): void {
-    this.depth = this.o.store.outboxDepth();
-    this.o.metrics.outboxDepth.set(this.depth);
+    this.recount();
     this.kick();
   }
 
@@ -148,8 +147,7 @@ export class Publisher {
         sent++;
       }
       for (const m of batch.slice(0, sent)) this.o.store.outboxRemove(m.seq);
-      this.depth = this.o.store.outboxDepth();
-      this.o.metrics.outboxDepth.set(this.depth);
+      this.recount();
       this.o.metrics.outboxFlushed.inc(sent);
       if (sent < batch.length) {
         const err = (results[sent] as PromiseRejectedResult).reason as Error;
@@ -172,12 +170,17 @@ export class Publisher {
   private setAside(m: OutboxEntry, err: Error): void {
     const reason = `the bus refused this queued publish: ${err.message}`;
     this.o.store.setAsideOutboxEntry(m, reason);
-    this.depth = this.o.store.outboxDepth();
-    this.o.metrics.outboxDepth.set(this.depth);
+    this.recount();
     this.o.metrics.deadLettered.inc();
     this.o.metrics.refused.inc();
     // Never the payload: it may be anything the controller sent.
     this.o.logger.error({ id: m.id, kind: m.kind, reason }, "queued publish refused by the bus; recorded as a dead letter");
+  }
+
+  /** The outbox depth from the store, and its gauge. */
+  private recount(): void {
+    this.depth = this.o.store.outboxDepth();
+    this.o.metrics.outboxDepth.set(this.depth);
   }
 
   private retryLater(): void {
