@@ -164,7 +164,7 @@ async function run(o: StubOptions): Promise<void> {
     if (o.count !== undefined && n >= o.count) {
       // After the last publish is answered, so the line comes after its "→".
       void settled.then(() => {
-        if (!stopping) print("done_publishing", { count: n }, `sent ${n} publishes; now only receiving (Ctrl-C to stop)`);
+        if (!stopping) print("done_publishing", { count: n }, `sent ${n} publish${n === 1 ? "" : "es"}; now only receiving (Ctrl-C to stop)`);
       });
       return;
     }
