@@ -3,7 +3,7 @@
 // an unclear acknowledgement is stored once (the bus's duplicate window).
 
 import { BusUnavailableError, type Bus, type BusMessage } from "./bus/bus.js";
-import type { OutboxEntry, RelayStore } from "./store/store.js";
+import type { DeadLetter, OutboxEntry, RelayStore } from "./store/store.js";
 import type { RelayMetrics } from "./metrics.js";
 import type { Logger } from "./log.js";
 
@@ -98,8 +98,10 @@ export class Publisher {
       });
   }
 
-  /** Something was put into the outbox behind the publisher's back (a replayed dead letter). */
-  requeued(): void {
+  /** Puts a dead letter of this relay's own publish back into the outbox, to be sent again. */
+  requeueDeadLetter(row: DeadLetter): void {
+    this.o.store.requeueDeadLetter(row.seq);
+    this.o.logger.info({ id: row.id, kind: row.kind }, "dead letter of this relay's own publish queued to be published again");
     this.recount();
     this.kick();
   }
@@ -138,27 +140,27 @@ export class Publisher {
         this.depth = 0;
         break;
       }
-      // Pipelined, and removed strictly in order: a failure stops at the first unsent row,
-      // so nothing behind it overtakes it.
+      // Pipelined, and settled strictly in order: the first row the bus cannot take right now
+      // stops the batch, so nothing behind it overtakes it. A row the bus will never take (e.g.
+      // larger than the server's max_payload, which a publish made while disconnected could not
+      // be checked against) would block everything behind it for ever: it becomes a dead letter.
       const results = await Promise.allSettled(batch.map((m) => this.o.bus.publish(m)));
       let sent = 0;
-      for (const r of results) {
-        if (r.status === "rejected") break;
-        sent++;
+      let interrupted: Error | undefined;
+      for (const [i, r] of results.entries()) {
+        const m = batch[i]!;
+        if (r.status === "fulfilled") {
+          this.o.store.outboxRemove(m.seq);
+          sent++;
+        } else if (r.reason instanceof BusUnavailableError) {
+          interrupted = r.reason;
+          break;
+        } else this.setAside(m, r.reason as Error);
       }
-      for (const m of batch.slice(0, sent)) this.o.store.outboxRemove(m.seq);
       this.recount();
       this.o.metrics.outboxFlushed.inc(sent);
-      if (sent < batch.length) {
-        const err = (results[sent] as PromiseRejectedResult).reason as Error;
-        if (!(err instanceof BusUnavailableError)) {
-          // The bus will never take this one (e.g. larger than the server's max_payload, which a
-          // publish made while disconnected could not be checked against). Retrying would block
-          // everything queued behind it for ever: keep it as a dead letter and go on.
-          this.setAside(batch[sent]!, err);
-          continue;
-        }
-        this.o.logger.warn({ err: err.message, left: this.depth }, "outbox flush interrupted; will retry");
+      if (interrupted) {
+        this.o.logger.warn({ err: interrupted.message, left: this.depth }, "outbox flush interrupted; will retry");
         return this.retryLater();
       }
       if (sent > 0) this.o.logger.info({ sent, left: this.depth }, "outbox flushed");
@@ -170,7 +172,6 @@ export class Publisher {
   private setAside(m: OutboxEntry, err: Error): void {
     const reason = `the bus refused this queued publish: ${err.message}`;
     this.o.store.setAsideOutboxEntry(m, reason);
-    this.recount();
     this.o.metrics.deadLettered.inc();
     this.o.metrics.refused.inc();
     // Never the payload: it may be anything the controller sent.

@@ -87,11 +87,7 @@ export class Relay {
         ackWaitMs: this.cfg.ackWaitMs,
         maxDeliver: this.cfg.maxDeliver,
         offer: (m) => this.tracker!.offer(m),
-        republish: (row) => {
-          this.store!.requeueDeadLetter(row.seq);
-          this.log.info({ id: row.id, kind: row.kind }, "dead letter of this relay's own publish queued to be published again");
-          this.publisher!.requeued();
-        },
+        republish: (row) => this.publisher!.requeueDeadLetter(row),
       });
       this.unsubscribeStatus = this.bus.onStatus((s) => {
         this.metrics.natsConnected.set(s.state === "connected" ? 1 : 0);

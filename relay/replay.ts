@@ -97,8 +97,9 @@ export class ReplaySource {
   readonly store: RelayStore;
   readonly ackWaitMs: number;
   readonly maxDeliver: number;
-  private readonly o: ReplayOptions;
+  private readonly instanceId: string;
   private readonly offerFn: (msg: InboundMessage) => void;
+  private readonly republishFn: (row: DeadLetter) => void;
   private readonly active = new Map<number, ReplayedMessage>();
   private poller: NodeJS.Timeout | undefined;
 
@@ -106,8 +107,9 @@ export class ReplaySource {
     this.store = o.store;
     this.ackWaitMs = o.ackWaitMs;
     this.maxDeliver = o.maxDeliver;
-    this.o = o;
+    this.instanceId = o.instanceId;
     this.offerFn = o.offer;
+    this.republishFn = o.republish;
   }
 
   /** Polls the store for replay requests while a controller is there to take them. */
@@ -139,8 +141,8 @@ export class ReplaySource {
   private poll(): void {
     for (const row of this.store.replayRequests(64)) {
       if (this.active.has(row.seq)) continue;
-      if (row.origin === this.o.instanceId) {
-        this.o.republish(row);
+      if (row.origin === this.instanceId) {
+        this.republishFn(row);
         continue;
       }
       const msg = new ReplayedMessage(row, this);
