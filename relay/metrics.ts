@@ -26,10 +26,17 @@ export class RelayMetrics {
   readonly unavailable = this.counter("unavailable_total", "Publishes answered 'unavailable'");
   readonly refused = this.counter("refused_total", "Publishes the bus refused for good (answered 'refused', or set aside from the outbox as dead letters)");
   readonly outboxFlushed = this.counter("outbox_flushed_total", "Queued publishes sent from the outbox to the bus");
+  readonly settleFailures = this.counter("settle_failures_total", "Acks, naks, working and terms the bus could not be sent (the message is redelivered)");
+  readonly natsStale = this.counter("nats_stale_total", "Times the NATS connection was found silently cut off (no answer to pings or PubAcks) and given up");
 
   readonly outboxDepth = new Gauge({ name: "uptrakit_relay_outbox_depth", help: "Publishes waiting in the outbox", registers: [this.registry] });
   readonly inFlight = new Gauge({ name: "uptrakit_relay_in_flight", help: "Deliveries awaiting the controller's ack", registers: [this.registry] });
   readonly controllerConnected = new Gauge({ name: "uptrakit_relay_controller_connected", help: "1 while a controller session is open", registers: [this.registry] });
+  readonly outboxUnflushedAtStop = new Gauge({
+    name: "uptrakit_relay_outbox_unflushed_at_stop",
+    help: "Publishes still in the outbox when the relay stopped (set during shutdown; they stay in the data dir)",
+    registers: [this.registry],
+  });
   readonly natsConnected = new Gauge({ name: "uptrakit_relay_nats_connected", help: "1 while the bus (NATS, or the embedded bus) is connected", registers: [this.registry] });
 
   readonly publishLatency = new Histogram({

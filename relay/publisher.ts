@@ -28,8 +28,10 @@ const FLUSH_RETRY_MS = 1000;
 
 export class Publisher {
   private readonly o: PublisherOptions;
-  /** Rows in the outbox (kept in step with the store by recount() and enqueue()). */
+  /** Rows in the outbox, and those being written to it (kept in step by recount() and enqueue()). */
   private depth = 0;
+  /** Outbox writes awaiting their group commit. */
+  private enqueuing = 0;
   private flushing: Promise<void> | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
   private closed = false;
@@ -99,8 +101,8 @@ export class Publisher {
   }
 
   /** Puts a dead letter of this relay's own publish back into the outbox, to be sent again. */
-  requeueDeadLetter(row: DeadLetter): void {
-    this.o.store.requeueDeadLetter(row.seq);
+  async requeueDeadLetter(row: DeadLetter): Promise<void> {
+    await this.o.store.requeueDeadLetter(row.seq);
     this.o.logger.info({ id: row.id, kind: row.kind }, "dead letter of this relay's own publish queued to be published again");
     this.recount();
     this.kick();
@@ -111,23 +113,44 @@ export class Publisher {
     await this.flushing;
   }
 
+  /**
+   * Shutdown: gives the outbox until timeoutMs to reach the bus (a pod being replaced may lose
+   * its data dir). Resolves with what is still queued.
+   */
+  async flushBeforeStop(timeoutMs: number): Promise<number> {
+    const deadline = Date.now() + timeoutMs;
+    while (!this.closed && this.depth > 0 && Date.now() < deadline && this.o.bus.status().state === "connected") {
+      this.kick();
+      const left = deadline - Date.now();
+      await Promise.race([this.flushing, new Promise((r) => setTimeout(r, Math.max(0, left)).unref())]);
+    }
+    return this.depth;
+  }
+
   close(): void {
     this.closed = true;
     if (this.retryTimer) clearTimeout(this.retryTimer);
   }
 
-  private enqueue(msg: BusMessage): PublishOutcome {
+  /** Queues a publish in the outbox; answered `queued` only once the row is fsynced. */
+  private async enqueue(msg: BusMessage): Promise<PublishOutcome> {
     if (this.depth >= this.o.outboxMax) {
       return { status: "unavailable", reason: `the bus is unreachable and the outbox is full (${this.o.outboxMax} messages)` };
     }
-    try {
-      this.o.store.enqueue(msg);
-    } catch (err) {
-      this.o.logger.error({ err, id: msg.id }, "could not write to the outbox");
-      return { status: "unavailable", reason: "the bus is unreachable and the outbox could not be written" };
-    }
+    // Counted from now, so concurrent publishes respect the limit and queue behind this one.
     this.depth++;
+    this.enqueuing++;
     this.o.metrics.outboxDepth.set(this.depth);
+    try {
+      await this.o.store.enqueue(msg);
+    } catch (err) {
+      this.depth--;
+      this.o.metrics.outboxDepth.set(this.depth);
+      this.o.logger.error({ err: (err as Error).message, id: msg.id }, "could not write to the outbox");
+      return { status: "unavailable", reason: "the bus is unreachable and the outbox could not be written" };
+    } finally {
+      this.enqueuing--;
+    }
     this.kick();
     return { status: "queued" };
   }
@@ -137,7 +160,7 @@ export class Publisher {
       if (this.o.bus.status().state !== "connected") return this.retryLater();
       const batch = this.o.store.outboxHead(FLUSH_BATCH);
       if (batch.length === 0) {
-        this.depth = 0;
+        this.depth = this.enqueuing; // those kick a flush once committed
         break;
       }
       // Pipelined, and settled strictly in order: the first row the bus cannot take right now
@@ -145,18 +168,18 @@ export class Publisher {
       // larger than the server's max_payload, which a publish made while disconnected could not
       // be checked against) would block everything behind it for ever: it becomes a dead letter.
       const results = await Promise.allSettled(batch.map((m) => this.o.bus.publish(m)));
-      let sent = 0;
+      const sentSeqs: number[] = [];
       let interrupted: Error | undefined;
       for (const [i, r] of results.entries()) {
         const m = batch[i]!;
-        if (r.status === "fulfilled") {
-          this.o.store.outboxRemove(m.seq);
-          sent++;
-        } else if (r.reason instanceof BusUnavailableError) {
+        if (r.status === "fulfilled") sentSeqs.push(m.seq);
+        else if (r.reason instanceof BusUnavailableError) {
           interrupted = r.reason;
           break;
-        } else this.setAside(m, r.reason as Error);
+        } else await this.setAside(m, r.reason as Error);
       }
+      await this.o.store.outboxRemove(sentSeqs);
+      const sent = sentSeqs.length;
       this.recount();
       this.o.metrics.outboxFlushed.inc(sent);
       if (interrupted) {
@@ -169,9 +192,9 @@ export class Publisher {
   }
 
   /** Moves a queued publish the bus refused for good from the outbox to the dead letters. */
-  private setAside(m: OutboxEntry, err: Error): void {
+  private async setAside(m: OutboxEntry, err: Error): Promise<void> {
     const reason = `the bus refused this queued publish: ${err.message}`;
-    this.o.store.setAsideOutboxEntry(m, reason);
+    await this.o.store.setAsideOutboxEntry(m, reason);
     this.o.metrics.deadLettered.inc();
     this.o.metrics.refused.inc();
     // Never the payload: it may be anything the controller sent.
@@ -180,7 +203,7 @@ export class Publisher {
 
   /** The outbox depth from the store, and its gauge. */
   private recount(): void {
-    this.depth = this.o.store.outboxDepth();
+    this.depth = this.o.store.outboxDepth() + this.enqueuing;
     this.o.metrics.outboxDepth.set(this.depth);
   }
 

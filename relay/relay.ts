@@ -1,18 +1,20 @@
-// The relay: wires the bus, the controller-facing server, delivery and the store together.
-// Lifecycle: new → start() → running → stop() (drains) → closed.
+// The relay's composition root: wires the store, the bus, the publisher, the delivery state
+// machine, dead-letter replay and the controller-facing server together, and runs their
+// lifecycle: new → start() → running → stop() (drains) → closed. Delivery policy lives in
+// delivery.ts, publishing in publisher.ts.
 
 import net from "node:net";
 import { HANDBACK_DELAY_MS, type Bus, type Consumption, type InboundMessage } from "./bus/bus.js";
 import { createBus } from "./bus/create.js";
 import type { RelayConfig } from "./config.js";
-import { DeliveryTracker } from "./delivery.js";
+import { DeliveryMachine, type ArrivalSource } from "./delivery.js";
 import { LocalServer, type ControllerSession } from "./local-server.js";
 import type { Logger } from "./log.js";
 import { RelayMetrics } from "./metrics.js";
 import { CLOSE_NORMAL, CLOSE_SUPERSEDED, publishedFrame, readyFrame, type ClientFrame, type FrameError, type PublishFrame } from "./protocol.js";
 import { Publisher } from "./publisher.js";
-import { ReplayedMessage, ReplaySource } from "./replay.js";
-import { RelayStore } from "./store/store.js";
+import { ReplaySource } from "./replay.js";
+import { DAEMON_BUSY_TIMEOUT_MS, RelayStore } from "./store/store.js";
 
 export type RelayState = "new" | "starting" | "running" | "closing" | "closed";
 
@@ -38,7 +40,13 @@ export class Relay {
   private bus: Bus | undefined;
   private server: LocalServer | undefined;
   private publisher: Publisher | undefined;
-  private tracker: DeliveryTracker | undefined;
+  private tracker: DeliveryMachine | undefined;
+  /** Messages from the bus: it redelivers by itself; their dead letters are new rows in the store. */
+  private readonly busSource: ArrivalSource = {
+    name: "bus",
+    redelivers: true,
+    recordDeadLetter: (msg, attempts, reason) => this.store!.addDeadLetter(msg, attempts, reason),
+  };
   private replay: ReplaySource | undefined;
   private session: ControllerSession | undefined;
   private consumption: Consumption | undefined;
@@ -69,24 +77,32 @@ export class Relay {
     if (this._state !== "new") throw new Error(`relay cannot start from state ${this._state}`);
     this._state = "starting";
     try {
-      this.store = RelayStore.open(this.cfg.dataDir);
-      this.bus = createBus(this.cfg, this.log);
+      this.store = RelayStore.open(this.cfg.dataDir, {
+        busyTimeoutMs: DAEMON_BUSY_TIMEOUT_MS,
+        onBusy: (err, failures) => {
+          if (failures === 1 || failures % 20 === 0) this.log.warn({ err: err.message, failures }, "relay store busy (another process holds it); retrying");
+        },
+      });
+      this.bus = createBus(this.cfg, this.log, {
+        settleFailed: (what, err) => {
+          this.metrics.settleFailures.inc();
+          this.log.warn({ err, what }, "could not settle a message with the bus; it will be redelivered");
+        },
+      });
       await this.bus.start();
       this.publisher = new Publisher({ bus: this.bus, store: this.store, outboxMax: this.cfg.outboxMax, metrics: this.metrics, logger: this.log });
-      this.tracker = new DeliveryTracker({
+      this.tracker = new DeliveryMachine({
         maxDeliver: this.cfg.maxDeliver,
         ackWaitMs: this.cfg.ackWaitMs,
         nackDelayMs: this.cfg.nackDelayMs,
         metrics: this.metrics,
         logger: this.log,
-        deadLetter: (msg, attempts, reason) => this.recordDeadLetter(msg, attempts, reason),
       });
       this.replay = new ReplaySource({
         store: this.store,
         instanceId: this.cfg.instanceId,
-        ackWaitMs: this.cfg.ackWaitMs,
-        maxDeliver: this.cfg.maxDeliver,
-        offer: (m) => this.tracker!.offer(m),
+        logger: this.log,
+        offer: (m, source) => this.admit(m, source),
         republish: (row) => this.publisher!.requeueDeadLetter(row),
       });
       this.unsubscribeStatus = this.bus.onStatus((s) => {
@@ -130,8 +146,10 @@ export class Relay {
 
   /**
    * Graceful drain: stop pulling, give in-flight deliveries up to --drain-timeout to be acked,
-   * hand the rest back to the bus for redelivery, close the controller session, disconnect.
-   * Queued outbox entries stay on disk for the next start.
+   * hand the rest back to the bus for redelivery, let dead letters being written land, close the
+   * controller session, give the outbox up to --drain-timeout to reach the bus, disconnect.
+   * What the outbox still holds stays on disk for the next start — and is logged, since a
+   * data dir that goes with its pod (an emptyDir) takes it along.
    */
   async stop(): Promise<void> {
     if (this._state === "closing" || this._state === "closed") return;
@@ -139,15 +157,24 @@ export class Relay {
     this.log.info("draining");
     this.replay?.stop();
     await this.stopConsuming();
-    const idle = (await this.tracker?.waitIdle(this.cfg.drainTimeoutMs)) ?? true;
-    const released = this.tracker?.releaseAll(HANDBACK_DELAY_MS) ?? 0; // see HANDBACK_DELAY_MS
+    const t = this.tracker;
+    const idle = (await t?.waitIdle(this.cfg.drainTimeoutMs)) ?? true;
+    const released = t?.releaseAll(HANDBACK_DELAY_MS) ?? 0; // see HANDBACK_DELAY_MS
     if (!idle || released > 0) this.log.warn({ released }, "drain timeout: unacked deliveries handed back for redelivery");
+    if (t && !(await t.waitRecorded(this.cfg.drainTimeoutMs)))
+      this.log.error({ recording: t.recordingCount }, "dead letters still being written at shutdown are left to the bus, which redelivers them");
     await this.server?.close(CLOSE_NORMAL, "relay shutting down");
     await this.publisher?.settle();
-    const outbox = this.publisher?.outboxDepth ?? 0;
+    const outbox = (await this.publisher?.flushBeforeStop(this.cfg.drainTimeoutMs)) ?? 0;
+    this.metrics.outboxUnflushedAtStop.set(outbox);
+    if (outbox > 0)
+      this.log.error(
+        { outbox, dataDir: this.cfg.dataDir },
+        "relay stopping with publishes still in the outbox: they are sent at the next start from this data dir, and lost if the data dir is not kept",
+      );
     await this.teardown();
     this._state = "closed";
-    this.log.info({ outbox }, outbox > 0 ? "relay stopped; queued publishes stay in the outbox for the next start" : "relay stopped");
+    this.log.info({ outbox }, "relay stopped");
   }
 
   readiness(): { ready: boolean; reason?: string } {
@@ -269,17 +296,17 @@ export class Relay {
   }
 
   private onBusMessage(m: InboundMessage): void {
+    this.admit(m, this.busSource);
+  }
+
+  /** The one entry point of messages into delivery, from the bus and from replay alike. */
+  private admit(m: InboundMessage, source: ArrivalSource): void {
     if (m.origin === this.cfg.instanceId) {
       m.ack();
       this.metrics.echoFiltered.inc();
       return;
     }
-    this.tracker!.offer(m);
-  }
-
-  private recordDeadLetter(msg: InboundMessage, attempts: number, reason: string): void {
-    if (msg instanceof ReplayedMessage) this.replay!.returnToDeadLetters(msg, reason);
-    else this.store!.addDeadLetter(msg, attempts, reason);
+    this.tracker!.offer(m, source);
   }
 
   private warnIfExposed(): void {
@@ -294,6 +321,7 @@ export class Relay {
 
   private async teardown(): Promise<void> {
     this.unsubscribeStatus?.();
+    this.tracker?.close();
     this.publisher?.close();
     try {
       await this.bus?.close();

@@ -1,43 +1,45 @@
-// Replay of dead letters (`uptrakit-relay dlq replay`): the CLI marks rows in the relay's store,
-// the running relay picks them up and delivers them to its controller with fresh attempts.
+// Replay of dead letters (`uptrakit-relay dlq replay`): the CLI marks rows in the relay's store;
+// the running relay picks them up and hands them to the delivery state machine as a source
+// without a broker (it counts the fresh attempts and redelivers them itself). A replayed message
+// that fails again goes back to the dead letters; one that is acked is removed.
 // A dead letter of this relay's own origin (a queued publish the bus refused) is never handed to
 // its own controller (no echoes): replaying it publishes it again.
-// A replayed message behaves like a bus message (ack wait, nack delay, attempt limit), but its
-// state lives in the store and the bus never sees it again.
 
 import type { InboundMessage } from "./bus/bus.js";
+import type { ArrivalSource } from "./delivery.js";
+import type { Logger } from "./log.js";
 import type { DeadLetter, RelayStore } from "./store/store.js";
 
 const POLL_MS = 500;
+const POLL_BATCH = 64;
 
 export interface ReplayOptions {
   store: RelayStore;
   /** This relay's instance id: dead letters of this origin are republished, not delivered. */
   instanceId: string;
-  ackWaitMs: number;
-  /** Deliveries per replay; after the last one the source goes quiet, as the bus does. */
-  maxDeliver: number;
-  /** Hands a replayed message to delivery (the same path as bus messages). */
-  offer(msg: InboundMessage): void;
+  logger: Logger;
+  /** Hands a replayed message to delivery (the same entry point as bus messages). */
+  offer(msg: InboundMessage, source: ArrivalSource): void;
   /** Sends a dead letter of this relay's own origin to the bus again. */
-  republish(row: DeadLetter): void;
+  republish(row: DeadLetter): Promise<void>;
 }
 
-export class ReplayedMessage implements InboundMessage {
+/**
+ * A replayed dead letter as the state machine sees it. Its `seq` is the store's row seq,
+ * negated, so it never collides with a bus sequence. nak() and working() have nothing to tell:
+ * the machine keeps its clock and its redeliveries.
+ */
+class ReplayedMessage implements InboundMessage {
   readonly id: string;
   readonly kind: string;
   readonly origin: string;
   readonly publishedAt: string;
   readonly payloadJson: string;
-  /** Negative, so it never collides with a bus sequence in the delivery tracker. */
   readonly seq: number;
-  readonly deadLetterSeq: number;
-  attempt = 1;
-  private timer: NodeJS.Timeout | undefined;
-  private done = false;
+  readonly attempt = 1;
 
   constructor(
-    row: DeadLetter,
+    readonly row: DeadLetter,
     private readonly source: ReplaySource,
   ) {
     this.id = row.id;
@@ -45,71 +47,33 @@ export class ReplayedMessage implements InboundMessage {
     this.origin = row.origin;
     this.publishedAt = row.publishedAt;
     this.payloadJson = row.payloadJson;
-    this.deadLetterSeq = row.seq;
     this.seq = -row.seq;
   }
 
-  /** Starts this attempt's ack-wait clock, as the bus would. */
-  arm(): void {
-    this.timer = setTimeout(() => this.redeliver(), this.source.ackWaitMs);
-    this.timer.unref();
-  }
-
   ack(): void {
-    this.finish();
-    this.source.store.removeDeadLetter(this.deadLetterSeq);
+    this.source.finish(this, "acked");
   }
 
-  nak(delayMs: number): void {
-    if (this.done) return;
-    clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.redeliver(), delayMs);
-    this.timer.unref();
-  }
+  nak(): void {}
 
-  working(): void {
-    this.timer?.refresh();
-  }
+  working(): void {}
 
-  /** Dead again: the delivery tracker has already returned it to the dead letters. */
+  /** Dead again: the machine has already returned it to the dead letters. */
   term(): void {
-    this.finish();
-  }
-
-  private redeliver(): void {
-    if (this.done) return;
-    // Like the bus after max_deliver: no more attempts. The delivery tracker's own ack-wait
-    // clock then returns the last attempt to the dead letters.
-    if (this.attempt >= this.source.maxDeliver) return;
-    this.attempt++;
-    this.arm();
-    this.source.redeliver(this);
-  }
-
-  private finish(): void {
-    this.done = true;
-    clearTimeout(this.timer);
-    this.source.forget(this);
+    this.source.finish(this, "dead");
   }
 }
 
-export class ReplaySource {
-  readonly store: RelayStore;
-  readonly ackWaitMs: number;
-  readonly maxDeliver: number;
-  private readonly instanceId: string;
-  private readonly offerFn: (msg: InboundMessage) => void;
-  private readonly republishFn: (row: DeadLetter) => void;
-  private readonly active = new Map<number, ReplayedMessage>();
+export class ReplaySource implements ArrivalSource {
+  readonly name = "replay";
+  readonly redelivers = false;
+  private readonly o: ReplayOptions;
+  /** Rows being replayed now, by store seq: not picked up twice. */
+  private readonly active = new Set<number>();
   private poller: NodeJS.Timeout | undefined;
 
   constructor(o: ReplayOptions) {
-    this.store = o.store;
-    this.ackWaitMs = o.ackWaitMs;
-    this.maxDeliver = o.maxDeliver;
-    this.instanceId = o.instanceId;
-    this.offerFn = o.offer;
-    this.republishFn = o.republish;
+    this.o = o;
   }
 
   /** Polls the store for replay requests while a controller is there to take them. */
@@ -125,30 +89,47 @@ export class ReplaySource {
     this.poller = undefined;
   }
 
-  /** A replayed message failed its last attempt: back among the dead letters. */
-  returnToDeadLetters(msg: ReplayedMessage, reason: string): void {
-    this.store.returnDeadLetter(msg.deadLetterSeq, msg.attempt, `replay failed: ${reason}`);
+  recordDeadLetter(msg: InboundMessage, attempts: number, reason: string): Promise<void> {
+    return this.o.store.returnDeadLetter(-msg.seq, attempts, `replay failed: ${reason}`);
   }
 
-  redeliver(msg: ReplayedMessage): void {
-    this.offerFn(msg);
-  }
-
-  forget(msg: ReplayedMessage): void {
-    this.active.delete(msg.deadLetterSeq);
+  finish(msg: ReplayedMessage, how: "acked" | "dead"): void {
+    if (how === "dead") {
+      this.active.delete(msg.row.seq);
+      return;
+    }
+    // Stays active until the row is gone, so a poll in between cannot deliver it again.
+    this.o.store.removeDeadLetter(msg.row.seq).then(
+      () => this.active.delete(msg.row.seq),
+      (err: unknown) => {
+        this.active.delete(msg.row.seq);
+        this.o.logger.error({ err: (err as Error).message, id: msg.id }, "could not remove an acked replayed dead letter; it may be delivered again");
+      },
+    );
   }
 
   private poll(): void {
-    for (const row of this.store.replayRequests(64)) {
+    let rows: DeadLetter[];
+    try {
+      rows = this.o.store.replayRequests(POLL_BATCH);
+    } catch (err) {
+      this.o.logger.warn({ err: (err as Error).message }, "cannot read replay requests; will look again");
+      return;
+    }
+    for (const row of rows) {
       if (this.active.has(row.seq)) continue;
-      if (row.origin === this.instanceId) {
-        this.republishFn(row);
+      this.active.add(row.seq);
+      if (row.origin === this.o.instanceId) {
+        this.o.republish(row).then(
+          () => this.active.delete(row.seq),
+          (err: unknown) => {
+            this.active.delete(row.seq);
+            this.o.logger.error({ err: (err as Error).message, id: row.id }, "could not queue a replayed dead letter of this relay's own publish; will try again");
+          },
+        );
         continue;
       }
-      const msg = new ReplayedMessage(row, this);
-      this.active.set(row.seq, msg);
-      msg.arm();
-      this.offerFn(msg);
+      this.o.offer(new ReplayedMessage(row, this), this);
     }
   }
 }

@@ -45,6 +45,12 @@ export interface PublishResult {
   duplicate: boolean;
 }
 
+/** What a bus tells the relay about besides messages. */
+export interface BusHooks {
+  /** A settle (ack, nak, working, term) could not be sent; the message will be redelivered. */
+  settleFailed?(what: string, err: unknown): void;
+}
+
 export interface BusSettings {
   instanceId: string;
   /** JetStream stream name; for SQLite, the logical stream inside the file. */
@@ -56,6 +62,7 @@ export interface BusSettings {
   maxAgeMs: number;
   /** Consumers idle this long are removed. */
   inactiveThresholdMs: number;
+  hooks?: BusHooks;
 }
 
 export type BusState = "connected" | "disconnected" | "closed";

@@ -40,7 +40,6 @@ import type { Logger } from "../log.js";
 import {
   BusStartError,
   BusUnavailableError,
-  HANDBACK_DELAY_MS,
   type Bus,
   type BusMessage,
   type BusSettings,
@@ -601,19 +600,10 @@ export class JetStreamBus implements Bus {
       run.restart = undefined;
       this.watchConsumeStatus(messages, run);
       try {
-        for await (const m of messages) {
-          // After stop(), what was already pulled is handed back rather than left to the ack wait
-          // (see HANDBACK_DELAY_MS); the iteration ends after the buffer, where stop() queued its end.
-          if (run.stopped) {
-            try {
-              m.nak(HANDBACK_DELAY_MS);
-            } catch {
-              // connection closed: the server redelivers after ack_wait anyway
-            }
-            continue;
-          }
-          this.dispatch(m, onMessage);
-        }
+        // After stop(), what was already pulled is still handed over (the iteration ends after
+        // the buffer, where stop() queued its end): the relay parks or hands it back, and it
+        // alone can turn a last arrival into a dead letter. Nak'ing it here lost that arrival.
+        for await (const m of messages) this.dispatch(m, onMessage);
       } catch (err) {
         this.log.warn({ err: describe(err) }, "consume ended with an error; restarting it");
       }
@@ -755,7 +745,10 @@ export class JetStreamBus implements Bus {
       if (!this.nc) throw new Error("not connected");
       this.nc.publish(reply, data);
     },
-    failed: (err, seq, what) => this.log.debug({ err: describe(err), seq, what }, "could not settle message"),
+    failed: (err, seq, what) => {
+      this.log.debug({ err: describe(err), seq, what }, "could not settle message");
+      this.opts.hooks?.settleFailed?.(what, describe(err));
+    },
   };
 
   /**

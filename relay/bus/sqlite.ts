@@ -513,8 +513,9 @@ export class SqliteBus implements Bus {
     } finally {
       this.pumping = false;
     }
+    // Every row fetched is handed over, even if a handler stops consuming meanwhile: the rows
+    // count as delivered already, and only the relay can turn a last arrival into a dead letter.
     for (const row of batch) {
-      if (this.handler !== handler) break; // stopped by a handler: the rest will be redelivered
       try {
         handler(this.inbound(row));
       } catch (err) {
@@ -566,7 +567,8 @@ export class SqliteBus implements Bus {
       }
     } catch (err) {
       // A lost settle means a redelivery (at-least-once), never a lost message.
-      this.log.warn({ bus: "sqlite", err: (err as Error).message, seq, settle: kind }, "bus settle failed");
+      this.log.debug({ bus: "sqlite", err: (err as Error).message, seq, settle: kind }, "bus settle failed");
+      this.settings.hooks?.settleFailed?.(kind, (err as Error).message);
     }
     this.wake();
   }

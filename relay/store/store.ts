@@ -1,10 +1,16 @@
 // The relay's own data-dir store (<data-dir>/relay.db): the outbox of publishes waiting for the
 // bus, and the dead letters. One SQLite file per relay, never shared between relays.
+//
+// Durable means fsynced: WAL with synchronous = FULL, so a commit is on disk when it returns.
+// The daemon's writes go through a group commit (one transaction, one fsync, per event-loop
+// turn) and resolve only once committed; the operator commands (dlq replay, purge) write
+// directly, and may wait on a busy store, since they block nobody.
 
 import fs from "node:fs";
 import path from "node:path";
 import Database from "better-sqlite3";
 import type { BusMessage } from "../bus/bus.js";
+import { GroupCommitter } from "./group-commit.js";
 
 export interface DeadLetter extends BusMessage {
   /** Row key, unique in this store. */
@@ -21,6 +27,20 @@ export interface OutboxEntry extends BusMessage {
 }
 
 /** Raised when the data dir cannot be used; the message is fit to print as a start-up error. */
+export interface StoreOpenOptions {
+  /**
+   * How long one statement may wait for a lock held by another connection. The daemon keeps it
+   * short (its group commit retries without blocking the event loop); the CLI may wait.
+   */
+  busyTimeoutMs?: number;
+  /** Told when a group commit finds the store busy and will retry (the daemon logs it). */
+  onBusy?: (err: Error, failures: number) => void;
+}
+
+/** The daemon's busy timeout: a blocked event loop is worse than a retry. */
+export const DAEMON_BUSY_TIMEOUT_MS = 20;
+const CLI_BUSY_TIMEOUT_MS = 5_000;
+
 export class StoreOpenError extends Error {
   override name = "StoreOpenError";
 }
@@ -59,17 +79,23 @@ export class RelayStore {
   readonly file: string;
   private readonly db: Database.Database;
   private readonly stmts;
+  private readonly committer: GroupCommitter;
 
-  private constructor(file: string, db: Database.Database) {
+  private constructor(file: string, db: Database.Database, onBusy: StoreOpenOptions["onBusy"]) {
     this.file = file;
     this.db = db;
+    this.committer = new GroupCommitter(db, onBusy);
     this.stmts = {
       outboxAdd: db.prepare("INSERT INTO outbox (id, kind, origin, published_at, payload) VALUES (?, ?, ?, ?, ?)"),
       outboxHead: db.prepare("SELECT * FROM outbox ORDER BY seq LIMIT ?"),
       outboxRemove: db.prepare("DELETE FROM outbox WHERE seq = ?"),
       outboxCount: db.prepare("SELECT count(*) AS n FROM outbox"),
+      // The same message (origin, id, publishedAt) is recorded once: a relay that crashed between
+      // writing a dead letter and settling it meets the message again after its restart.
       deadAdd: db.prepare(
-        "INSERT INTO dead_letters (id, kind, origin, published_at, payload, attempts, reason, dead_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        `INSERT INTO dead_letters (id, kind, origin, published_at, payload, attempts, reason, dead_at)
+         SELECT $id, $kind, $origin, $publishedAt, $payload, $attempts, $reason, $deadAt
+         WHERE NOT EXISTS (SELECT 1 FROM dead_letters WHERE id = $id AND origin = $origin AND published_at = $publishedAt AND replay_requested = 0)`,
       ),
       deadAll: db.prepare("SELECT * FROM dead_letters ORDER BY seq"),
       deadReplayable: db.prepare("SELECT * FROM dead_letters WHERE replay_requested = 1 ORDER BY seq LIMIT ?"),
@@ -85,7 +111,7 @@ export class RelayStore {
   }
 
   /** Opens (creating if needed) the store in dataDir. Throws StoreOpenError with a clear reason. */
-  static open(dataDir: string): RelayStore {
+  static open(dataDir: string, opts: StoreOpenOptions = {}): RelayStore {
     const file = path.join(dataDir, "relay.db");
     try {
       fs.mkdirSync(dataDir, { recursive: true });
@@ -95,14 +121,14 @@ export class RelayStore {
     }
     let db: Database.Database | undefined;
     try {
-      db = new Database(file, { timeout: 5000 });
+      db = new Database(file, { timeout: opts.busyTimeoutMs ?? CLI_BUSY_TIMEOUT_MS });
       db.pragma("journal_mode = WAL");
-      db.pragma("synchronous = NORMAL");
+      db.pragma("synchronous = FULL");
       db.exec(SCHEMA);
       // A store that opens but is damaged would lose what it holds later: find out now.
       const check = db.pragma("quick_check", { simple: true });
       if (check !== "ok") throw new Error(`integrity check says: ${String(check)}`);
-      return new RelayStore(file, db);
+      return new RelayStore(file, db, opts.onBusy);
     } catch (err) {
       db?.close();
       throw new StoreOpenError(`cannot use the relay store ${file}: ${(err as Error).message} (move the file away to start afresh)`);
@@ -111,25 +137,28 @@ export class RelayStore {
 
   // ---- outbox ----
 
-  /** Durably queues a publish. */
-  enqueue(m: BusMessage): void {
-    this.stmts.outboxAdd.run(m.id, m.kind, m.origin, m.publishedAt, m.payloadJson);
+  /** Queues a publish; resolves once it is fsynced. */
+  enqueue(m: BusMessage): Promise<void> {
+    return this.committer.write(() => this.stmts.outboxAdd.run(m.id, m.kind, m.origin, m.publishedAt, m.payloadJson));
   }
 
   outboxHead(limit: number): OutboxEntry[] {
     return (this.stmts.outboxHead.all(limit) as OutboxRow[]).map(toOutboxEntry);
   }
 
-  outboxRemove(seq: number): void {
-    this.stmts.outboxRemove.run(seq);
+  /** Removes sent entries. */
+  outboxRemove(seqs: number[]): Promise<void> {
+    return this.committer.write(() => {
+      for (const seq of seqs) this.stmts.outboxRemove.run(seq);
+    });
   }
 
   /** Atomically moves an outbox entry the bus will never take to the dead letters (1 attempt). */
-  setAsideOutboxEntry(m: OutboxEntry, reason: string): void {
-    this.db.transaction(() => {
-      this.addDeadLetter(m, 1, reason);
-      this.outboxRemove(m.seq);
-    })();
+  setAsideOutboxEntry(m: OutboxEntry, reason: string): Promise<void> {
+    return this.committer.write(() => {
+      this.insertDeadLetter(m, 1, reason);
+      this.stmts.outboxRemove.run(m.seq);
+    });
   }
 
   outboxDepth(): number {
@@ -138,8 +167,16 @@ export class RelayStore {
 
   // ---- dead letters ----
 
-  addDeadLetter(m: BusMessage, attempts: number, reason: string): void {
-    this.stmts.deadAdd.run(m.id, m.kind, m.origin, m.publishedAt, m.payloadJson, attempts, reason, new Date().toISOString());
+  /** Records a dead letter; resolves once it is fsynced. */
+  addDeadLetter(m: BusMessage, attempts: number, reason: string): Promise<void> {
+    return this.committer.write(() => this.insertDeadLetter(m, attempts, reason));
+  }
+
+  private insertDeadLetter(m: BusMessage, attempts: number, reason: string): void {
+    this.stmts.deadAdd.run({
+      id: m.id, kind: m.kind, origin: m.origin, publishedAt: m.publishedAt, payload: m.payloadJson,
+      attempts, reason, deadAt: new Date().toISOString(),
+    });
   }
 
   deadLetters(): DeadLetter[] {
@@ -158,21 +195,21 @@ export class RelayStore {
   }
 
   /** A replayed dead letter was acked: it is done. */
-  removeDeadLetter(seq: number): void {
-    this.stmts.deadRemove.run(seq);
+  removeDeadLetter(seq: number): Promise<void> {
+    return this.committer.write(() => this.stmts.deadRemove.run(seq));
   }
 
   /** Atomically moves a dead letter this relay published back into its outbox, to be sent again. */
-  requeueDeadLetter(seq: number): void {
-    this.db.transaction(() => {
+  requeueDeadLetter(seq: number): Promise<void> {
+    return this.committer.write(() => {
       this.stmts.deadToOutbox.run(seq);
       this.stmts.deadRemove.run(seq);
-    })();
+    });
   }
 
   /** A replay failed again: back to the dead letters, counting the new attempts. */
-  returnDeadLetter(seq: number, extraAttempts: number, reason: string): void {
-    this.stmts.deadReturn.run(extraAttempts, reason, new Date().toISOString(), seq);
+  returnDeadLetter(seq: number, extraAttempts: number, reason: string): Promise<void> {
+    return this.committer.write(() => this.stmts.deadReturn.run(extraAttempts, reason, new Date().toISOString(), seq));
   }
 
 
@@ -181,7 +218,10 @@ export class RelayStore {
     return before ? this.stmts.deadPurgeBefore.run(before.toISOString()).changes : this.stmts.deadPurgeAll.run().changes;
   }
 
+  /** Commits what is still queued, then closes. */
   close(): void {
-    if (this.db.open) this.db.close();
+    if (!this.db.open) return;
+    this.committer.flushNow();
+    this.db.close();
   }
 }
