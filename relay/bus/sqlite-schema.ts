@@ -58,8 +58,6 @@ export type SettleKind = "ack" | "nak" | "working" | "term";
 export function prepareStatements(db: Database.Database) {
   return {
     dataVersion: db.prepare("PRAGMA data_version").pluck(),
-    syncFull: db.prepare("PRAGMA synchronous = FULL"),
-    syncNormal: db.prepare("PRAGMA synchronous = NORMAL"),
     dupFind: db.prepare("SELECT seq, stored_at FROM bus_messages WHERE stream = ? AND origin = ? AND id = ?"),
     msgDelete: db.prepare("DELETE FROM bus_messages WHERE seq = ?"),
     deliveriesOfSeq: db.prepare("DELETE FROM bus_deliveries WHERE stream = ? AND seq = ?"),
