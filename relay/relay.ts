@@ -88,6 +88,10 @@ export class Relay {
           this.metrics.settleFailures.inc();
           this.log.warn({ err, what }, "could not settle a message with the bus; it will be redelivered");
         },
+        connectionStale: (reason) => {
+          this.metrics.natsStale.inc();
+          this.log.error({ reason }, "NATS connection silently cut off; publishes go to the outbox until it answers again");
+        },
       });
       await this.bus.start();
       this.publisher = new Publisher({ bus: this.bus, store: this.store, outboxMax: this.cfg.outboxMax, metrics: this.metrics, logger: this.log });

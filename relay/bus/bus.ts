@@ -49,6 +49,8 @@ export interface PublishResult {
 export interface BusHooks {
   /** A settle (ack, nak, working, term) could not be sent; the message will be redelivered. */
   settleFailed?(what: string, err: unknown): void;
+  /** The connection was found silently cut off (no answer to pings or to a probe). */
+  connectionStale?(reason: string): void;
 }
 
 export interface BusSettings {

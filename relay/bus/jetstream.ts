@@ -69,6 +69,17 @@ const JS_CHECK_WINDOW_MS = 5_000;
 const API_TIMEOUT_MS = 4_000;
 /** A publish that gets no PubAck in this time is reported unavailable, so the relay can queue it. */
 const PUBLISH_TIMEOUT_MS = 3_000;
+/**
+ * Silent partitions (a dead route drops packets without closing anything): nats.js pings every
+ * PING_INTERVAL_MS and gives the connection up after MAX_PINGS_OUT unanswered pings (its
+ * defaults, 2 min and 2, would take minutes). A PubAck timeout also triggers a probe at once.
+ */
+const PING_INTERVAL_MS = 2_000;
+const MAX_PINGS_OUT = 3;
+/** A probe (PING/PONG round trip) unanswered this long means the link is cut. */
+const PROBE_TIMEOUT_MS = 1_500;
+/** While cut off, probe again this often to notice the heal even if nats.js has not reconnected. */
+const PROBE_RETRY_MS = 2_000;
 const DUPLICATE_WINDOW_MS = 2 * 60_000;
 /** Bounded pull batch: the consumer's max_ack_pending is the real in-flight limit. */
 const MAX_PULL_BATCH = 1_000;
@@ -124,6 +135,10 @@ export class JetStreamBus implements Bus {
   private readonly pendingAcks = new Map<string, PendingAck>();
   private ackSweep?: NodeJS.Timeout;
   private natsCorked = false;
+  /** A probe is running (see probe()). */
+  private probing = false;
+  /** The last probe went unanswered: disconnected until one is answered or nats.js reconnects. */
+  private cutOff = false;
 
   constructor(opts: JetStreamBusOptions) {
     if (opts.urls.length === 0) throw new Error("JetStreamBus needs at least one NATS URL");
@@ -176,6 +191,8 @@ export class JetStreamBus implements Bus {
       name: `uptrakit-relay/${this.opts.instanceId}${purpose ? `/${purpose}` : ""}`,
       // A relay rides out any outage: it never gives up reconnecting.
       maxReconnectAttempts: -1,
+      pingInterval: PING_INTERVAL_MS,
+      maxPingOut: MAX_PINGS_OUT,
       timeout: CONNECT_TIMEOUT_MS,
       ...this.authOptions(),
     };
@@ -375,9 +392,12 @@ export class JetStreamBus implements Bus {
             if (this.current.state !== "disconnected") this.setStatus({ state: "disconnected", reason: "reconnecting" });
             break;
           case "staleConnection":
-            this.setStatus({ state: "disconnected", reason: "stale connection (no PONG)" });
+            this.opts.hooks?.connectionStale?.("no PONG");
+            this.failPendingAcks("the connection went stale");
+            this.setStatus({ state: "disconnected", reason: `no answer from NATS to ${MAX_PINGS_OUT} pings (silent partition?); reconnecting` });
             break;
           case "reconnect":
+            this.cutOff = false;
             // Only after start() succeeded: before that, start() decides the status.
             if (this.js) {
               if (!this.missing) this.setStatus({ state: "connected" });
@@ -503,12 +523,49 @@ export class JetStreamBus implements Bus {
   /** Fails publishes whose PubAck is overdue; pendingAcks is in deadline order. */
   private sweepAcks(): void {
     const now = Date.now();
+    let overdue = 0;
     for (const [token, p] of this.pendingAcks) {
       if (p.deadline > now) break;
       this.pendingAcks.delete(token);
+      overdue++;
       p.reject(new BusUnavailableError(`JetStream did not take the message: no PubAck within ${PUBLISH_TIMEOUT_MS} ms`));
     }
     if (this.pendingAcks.size === 0) this.stopAckSweep();
+    if (overdue > 0) void this.probe();
+  }
+
+  /**
+   * Is the server still answering? A PING/PONG round trip within PROBE_TIMEOUT_MS. When it is
+   * not, the bus reports itself disconnected at once — publishes go to the outbox instead of
+   * each waiting out its PubAck timeout — and keeps probing until the link answers again.
+   */
+  private async probe(): Promise<void> {
+    const nc = this.nc;
+    if (this.probing || !nc || nc.isClosed() || this.closing) return;
+    this.probing = true;
+    try {
+      for (;;) {
+        const answered = await Promise.race([nc.flush().then(() => true, () => false), sleep(PROBE_TIMEOUT_MS).then(() => false)]);
+        if (this.closing || nc.isClosed() || this.nc !== nc) return;
+        if (answered) {
+          if (this.cutOff) {
+            this.cutOff = false;
+            this.log.info("NATS answers again");
+            if (!this.missing) this.setStatus({ state: "connected" });
+          }
+          return;
+        }
+        if (!this.cutOff) {
+          this.cutOff = true;
+          this.opts.hooks?.connectionStale?.("no PONG to a probe after a PubAck timeout");
+          this.failPendingAcks("NATS does not answer");
+          this.setStatus({ state: "disconnected", reason: `no answer from NATS within ${PROBE_TIMEOUT_MS} ms after a PubAck timeout (silent partition?)` });
+        }
+        await sleep(PROBE_RETRY_MS);
+      }
+    } finally {
+      this.probing = false;
+    }
   }
 
   private stopAckSweep(): void {
