@@ -1,7 +1,7 @@
 // The local port under TCP resets at every stage of a connection: before, during and after a
-// refused upgrade (wrong token, wrong path, foreign Origin, a malformed request), during and after
-// an accepted upgrade, and in the middle of a WebSocket frame. Hundreds of them, from a local
-// process that needs no credentials, while a real controller session keeps publishing and
+// refused upgrade (wrong token, wrong path, foreign Origin, a malformed request, a failed
+// WebSocket handshake), during and after an accepted upgrade, and in the middle of a WebSocket
+// frame. Hundreds of them, from a local process that needs no credentials, while a real controller session keeps publishing and
 // receiving: the relay stays up, that session is never disconnected and every publish is answered
 // `published`. A refused connection is closed for good, not left half-open.
 //
@@ -20,7 +20,7 @@ import { TestController, type Frame } from "./helpers/test-controller.js";
 const TOKEN = "reset-test-token-4d1e";
 const KIND = "ResetProbe";
 /** How many attacks of each kind; the total printed below is what the relay withstood. */
-const PER_STAGE = 30;
+const PER_STAGE = 25;
 /** Attacks in flight at once, and attacks between two checkpoints of the controller's traffic. */
 const CONCURRENCY = 10;
 const BATCH = 40;
@@ -31,6 +31,8 @@ interface RequestShape {
   path?: string;
   token?: string;
   origin?: string;
+  /** Sec-WebSocket-Version; anything but 13 fails the WebSocket handshake itself (ws answers 400). */
+  version?: string;
 }
 
 function upgradeRequest(port: number, r: RequestShape): string {
@@ -40,7 +42,7 @@ function upgradeRequest(port: number, r: RequestShape): string {
     "Upgrade: websocket",
     "Connection: Upgrade",
     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-    "Sec-WebSocket-Version: 13",
+    `Sec-WebSocket-Version: ${r.version ?? "13"}`,
     ...(r.token ? [`Authorization: Bearer ${r.token}`] : []),
     ...(r.origin ? [`Origin: ${r.origin}`] : []),
     "",
@@ -211,6 +213,7 @@ t.test("TCP resets at every stage of the local port never crash the relay nor di
     { why: "wrong path", port: victim.port, bytes: upgradeRequest(victim.port, { path: "/socket", token: TOKEN }) },
     { why: "foreign Origin", port: victim.port, bytes: upgradeRequest(victim.port, { token: TOKEN, origin: "https://evil.example" }) },
     { why: "malformed request", port: victim.port, bytes: malformedRequest(victim.port) },
+    { why: "bad WebSocket handshake", port: victim.port, bytes: upgradeRequest(victim.port, { token: TOKEN, version: "99" }) },
   ];
   const attacks: Attack[] = [];
   for (const r of refusals)
