@@ -21,6 +21,8 @@ const TOKEN = "reset-test-token-4d1e";
 const KIND = "ResetProbe";
 /** How many attacks of each kind; the total printed below is what the relay withstood. */
 const PER_STAGE = 25;
+/** Refused requests cut short by the client's FIN, per refusal reason. */
+const HALF_CLOSED = 8;
 /** Attacks in flight at once, and attacks between two checkpoints of the controller's traffic. */
 const CONCURRENCY = 10;
 const BATCH = 40;
@@ -72,7 +74,7 @@ const MID_FRAME_CUTS: Array<() => Buffer> = [
 
 // ---- one attack: a raw socket that ends in a TCP reset --------------------------------------------
 
-type When = "mid-request" | "after-request" | "on-response" | "after-101";
+type When = "mid-request" | "half-closed" | "after-request" | "on-response" | "after-101";
 
 interface Attack {
   name: string;
@@ -95,6 +97,12 @@ function runAttack(a: Attack): Promise<void> {
         // Somewhere inside the request head: the parser is still waiting for the rest.
         const cut = 1 + Math.floor(Math.random() * (a.bytes.length - 5));
         s.write(a.bytes.slice(0, cut), reset);
+      } else if (a.when === "half-closed") {
+        // Part of the request, then our FIN (a half-open connection from the relay's side): the
+        // relay answers the incomplete request, and the reset lands on that answer.
+        const cut = 1 + Math.floor(Math.random() * (a.bytes.length - 5));
+        s.on("data", reset);
+        s.end(a.bytes.slice(0, cut));
       } else if (a.when === "after-request") {
         s.write(a.bytes, reset); // the relay answers into a connection that is already reset
       } else {
@@ -219,6 +227,7 @@ t.test("TCP resets at every stage of the local port never crash the relay nor di
   for (const r of refusals)
     for (const when of ["mid-request", "after-request", "on-response"] as const)
       for (let i = 0; i < PER_STAGE; i++) attacks.push({ name: `${r.why}, reset ${when}`, port: r.port, bytes: r.bytes, when });
+  for (const r of refusals) for (let i = 0; i < HALF_CLOSED; i++) attacks.push({ name: `${r.why}, half-closed`, port: r.port, bytes: r.bytes, when: "half-closed" });
   const accepted = upgradeRequest(open.port, {});
   for (const when of ["after-request", "on-response"] as const)
     for (let i = 0; i < PER_STAGE; i++) attacks.push({ name: `accepted upgrade, reset ${when}`, port: open.port, bytes: accepted, when });
@@ -227,7 +236,10 @@ t.test("TCP resets at every stage of the local port never crash the relay nor di
   shuffle(attacks);
 
   for (let i = 0; i < attacks.length; i += BATCH) await whileVictimLives(Promise.all([runAll(attacks.slice(i, i + BATCH)), roundTrip()]));
-  tt.comment(`${attacks.length} connections reset (${refusals.length} refusal reasons × 3 stages × ${PER_STAGE}, and ${PER_STAGE * 4} accepted upgrades), ${round} controller round trips meanwhile`);
+  tt.comment(
+    `${attacks.length} connections reset (${refusals.length} refusal reasons × (3 stages × ${PER_STAGE} + ${HALF_CLOSED} half-closed), ` +
+      `and ${PER_STAGE * 4} accepted upgrades), ${round} controller round trips meanwhile`,
+  );
 
   // Refused connections whose client never closes its side: each is closed by the relay.
   const held = await whileVictimLives(
