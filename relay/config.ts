@@ -409,7 +409,7 @@ export function toRelayConfig(given: Record<string, unknown>): RelayConfig {
     listenPort: o.listen.port,
     dataDir,
     token: resolveSecret({ value: o.token, file: o.tokenFile, valueName: nameOf("token"), fileName: nameOf("tokenFile") }),
-    allowOrigins: o.allowOrigin,
+    allowOrigins: [...o.allowOrigin], // a copy: the default [] is the table's own
     ackWaitMs: o.ackWait,
     maxDeliver: o.maxDeliver,
     nackDelayMs: o.nackDelay,
