@@ -99,6 +99,11 @@ const HARD_FRAME_LIMIT_FACTOR = 8;
  */
 const OUTPUT_HIGH_WATER = 1024 * 1024;
 
+/** A socket error on the local port (the peer reset or vanished): nothing to answer, just let it go. */
+function dropSocket(this: Duplex): void {
+  this.destroy();
+}
+
 const sha256 = (s: string): Buffer => createHash("sha256").update(s).digest();
 
 /** Constant-time comparison of a presented bearer token with the configured one. */
@@ -125,7 +130,12 @@ export class LocalServer {
       perMessageDeflate: false,
       maxPayload: o.maxFrameBytes * HARD_FRAME_LIMIT_FACTOR,
     });
+    // Every socket gets an error listener before anything else can write to it. Node's http server
+    // has one of its own, but takes it off a socket it hands to 'upgrade': a reset (ECONNRESET,
+    // EPIPE) while an upgrade is refused would then be an uncaught exception that ends the relay.
+    this.http.on("connection", (socket: Duplex) => socket.on("error", dropSocket));
     this.http.on("upgrade", (req, socket, head) => this.onUpgrade(req, socket, head));
+    this.http.on("clientError", (err: NodeJS.ErrnoException, socket: Duplex) => this.onClientError(err, socket));
   }
 
   async listen(): Promise<{ host: string; port: number }> {
@@ -192,10 +202,30 @@ export class LocalServer {
     }
   }
 
+  /**
+   * A connection the HTTP parser gave up on (malformed request, oversized head, timeout) or that
+   * failed before a request was complete (reset). Answered like Node's default handler does, but
+   * only while nothing has been written and the socket still takes writes, then always destroyed.
+   */
+  private onClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+    this.o.logger.debug({ err: err.code ?? err.message }, "local connection dropped before a request was complete");
+    const untouched = !("bytesWritten" in socket) || socket.bytesWritten === 0;
+    if (err.code !== "ECONNRESET" && err.code !== "EPIPE" && socket.writable && untouched) {
+      const status = err.code === "HPE_HEADER_OVERFLOW" ? "431 Request Header Fields Too Large" : err.code === "ERR_HTTP_REQUEST_TIMEOUT" ? "408 Request Timeout" : "400 Bad Request";
+      socket.once("finish", () => socket.destroy());
+      socket.end(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
+      return;
+    }
+    socket.destroy();
+  }
+
   private onUpgrade(req: http.IncomingMessage, socket: Duplex, head: Buffer): void {
     const refuse = (status: number, text: string, message: string): void => {
       this.o.logger.warn({ status, remote: req.socket.remoteAddress, origin: req.headers.origin }, `WebSocket upgrade refused: ${message}`);
       const body = JSON.stringify({ error: message });
+      // The http server (allowHalfOpen) would leave the socket half-open after end() for as long
+      // as the peer keeps its side open: close it completely once the answer is written.
+      socket.once("finish", () => socket.destroy());
       socket.end(
         `HTTP/1.1 ${status} ${text}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
       );

@@ -3,7 +3,8 @@
 // are operator commands on the data dir and the bus.
 
 import { Command, InvalidArgumentError, Option } from "commander";
-import { addConnectionOptions, addRunOptions, parseDuration, toRelayConfig, type RelayConfig } from "./config.js";
+import { addConnectionOptions, addRunOptions, makeOption, parseDuration, toRelayConfig, type RelayConfig } from "./config.js";
+import { redactCredentials } from "./redact.js";
 import { createLogger } from "./log.js";
 import { Relay } from "./relay.js";
 import { RelayStore } from "./store/store.js";
@@ -13,12 +14,21 @@ import type { StreamInfo } from "./bus/bus.js";
 const program = new Command("uptrakit-relay")
   .description("Sidecar relay: cross-instance push notifications for Uptrakit controllers over NATS JetStream or an embedded SQLite bus")
   .showHelpAfterError("(run with --help for the options)")
-  // commander echoes a rejected option value: never print the user part of a URL (a secret).
-  .configureOutput({ outputError: (str, write) => write(str.replace(/(\b[a-z][a-z0-9+.-]*:\/\/)[^/@\s']*@/gi, "$1[redacted]@")) });
+  // commander echoes a rejected option value: never print the credentials of a URL.
+  .configureOutput({ outputError: (str, write) => write(redactCredentials(str)) });
 
 function fail(message: string): never {
-  process.stderr.write(`uptrakit-relay: ${message}\n`);
+  process.stderr.write(`uptrakit-relay: ${redactCredentials(message)}\n`);
   process.exit(1);
+}
+
+/** The config, or a clear exit (an unreadable secret file, conflicting credentials). */
+function configOrFail(opts: Record<string, unknown>): RelayConfig {
+  try {
+    return toRelayConfig(opts);
+  } catch (err) {
+    fail((err as Error).message);
+  }
 }
 
 // ---- run ----
@@ -28,7 +38,7 @@ addRunOptions(
     .command("run", { isDefault: true })
     .description("run the relay daemon (the default command)"),
 ).action(async (opts: Record<string, unknown>) => {
-  const cfg = toRelayConfig(opts);
+  const cfg = configOrFail(opts);
   const log = createLogger(cfg.logLevel, cfg.instanceId);
   const relay = new Relay(cfg, log);
   let stopping = false;
@@ -59,7 +69,7 @@ addRunOptions(
 
 // ---- dlq ----
 
-const dataDirOption = (): Option => new Option("--data-dir <dir>", "the relay's data dir").env("UPTRAKIT_DATA_DIR").default("./.uptrakit");
+const dataDirOption = (): Option => makeOption("dataDir");
 
 function openStore(opts: { dataDir: string }): RelayStore {
   try {
@@ -146,7 +156,7 @@ dlq
 // ---- stream info ----
 
 async function printStreamInfo(opts: Record<string, unknown>): Promise<void> {
-  const cfg: RelayConfig = toRelayConfig(opts);
+  const cfg: RelayConfig = configOrFail(opts);
   const log = createLogger(cfg.logLevel === "info" ? "warn" : cfg.logLevel, cfg.instanceId);
   // inspect(), not start(): a diagnostic must never create or reconcile the stream or a consumer
   // (start() would set the stream to *these* options, e.g. 1 replica without --replicas).

@@ -36,6 +36,7 @@ import {
   type StreamConfig,
 } from "@nats-io/jetstream";
 import type { NatsAuth } from "../config.js";
+import { redactUrl } from "../redact.js";
 import type { Logger } from "../log.js";
 import {
   BusStartError,
@@ -144,7 +145,9 @@ export class JetStreamBus implements Bus {
     if (opts.urls.length === 0) throw new Error("JetStreamBus needs at least one NATS URL");
     this.opts = opts;
     this.log = opts.logger.child({ bus: "jetstream" });
-    this.where = opts.urls.join(", ");
+    // Config hands over URLs without credentials (secrets.ts); redacting again costs nothing and
+    // keeps any other caller's `nats://user:pass@` out of every message built on `where`.
+    this.where = opts.urls.map(redactUrl).join(", ");
   }
 
   // ---- start-up -------------------------------------------------------------------------------
