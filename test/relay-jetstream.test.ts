@@ -509,8 +509,8 @@ t.test("data dir problems are clear start-up errors naming the path", async (t) 
     const dir = env.dir();
     const store = RelayStore.open(dir);
     for (let i = 0; i < 200; i++)
-      store.enqueue({ id: `m-${i}`, kind: "VersionCheckCompleted", origin: "alpha", publishedAt: new Date().toISOString(), payloadJson: JSON.stringify({ filler: "x".repeat(200) }) });
-    store.close();
+      void store.enqueue({ id: `m-${i}`, kind: "VersionCheckCompleted", origin: "alpha", publishedAt: new Date().toISOString(), payloadJson: JSON.stringify({ filler: "x".repeat(200) }) });
+    store.close(); // commits what is queued
     const file = path.join(dir, "relay.db");
     const size = fs.statSync(file).size;
     tt.ok(size > 16384, `the file has several pages (${size} bytes)`);
