@@ -229,7 +229,11 @@ export class Relay {
     let result: "ok" | "unknown_delivery";
     switch (f.type) {
       case "publish":
-        void this.onPublish(s, f);
+        this.onPublish(s, f).catch((err: unknown) => {
+          // Not expected (the publisher answers every failure itself), but never a crash.
+          this.log.error({ err: (err as Error).message, id: f.id }, "publish failed unexpectedly");
+          s.sendError({ id: f.id, code: "unavailable", message: "the relay could not take the message; retry" });
+        });
         return;
       case "ack":
         result = t.ack(f.deliveryId);
