@@ -37,10 +37,11 @@ const cli = new Command("chaos")
   .option("--scenario <file>", "replay this scenario (JSON, as printed on a failure) instead of generating")
   .option("--buses <list>", "buses to draw from: jetstream, cluster, sqlite", "jetstream,cluster,sqlite")
   .option("--shrink-budget <seconds>", "how long to spend shrinking a failing scenario (0: do not shrink)", int(0, 10 ** 6), 300)
+  .option("--relay-main <file>", "run another build of the relay (e.g. an older commit's dist/relay/main.js)")
   .option("--verbose", "print each fault as it is injected")
   .option("--trace <file>", "append every relay log line and controller event of the first play of each scenario (JSON lines)")
   .parse();
-const opts = cli.opts<{ seed?: number; runs?: number; budget?: number; json?: string; scenario?: string; buses: string; shrinkBudget: number; verbose?: boolean; trace?: string }>();
+const opts = cli.opts<{ seed?: number; runs?: number; budget?: number; json?: string; scenario?: string; buses: string; shrinkBudget: number; verbose?: boolean; trace?: string; relayMain?: string }>();
 
 const buses = opts.buses.split(",").map((b) => b.trim()) as BusKind[];
 if (buses.length === 0 || buses.some((b) => !["jetstream", "cluster", "sqlite"].includes(b))) {
@@ -86,7 +87,7 @@ function add(r: RunResult, c: CheckCounts, bus: string): void {
 
 /** Plays one scenario and checks it; the first play counts in the totals, shrinking plays do not. */
 async function play(s: Scenario, seed: number, first: boolean): Promise<Violation[]> {
-  const r = await runScenario(s, { log: opts.verbose ? say : undefined, traceFile: first ? opts.trace : undefined });
+  const r = await runScenario(s, { log: opts.verbose ? say : undefined, traceFile: first ? opts.trace : undefined, relayMain: opts.relayMain });
   const { violations, counts } = checkHistory(r.history);
   if (first) {
     add(r, counts, s.bus);

@@ -155,9 +155,9 @@ class Recorder {
   }
 }
 
-function dlqList(relay: RestartableRelay): Promise<DeadLetterRecord[]> {
+function dlqList(relay: RestartableRelay, main = RELAY_MAIN): Promise<DeadLetterRecord[]> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [RELAY_MAIN, "dlq", "list", "--json", "--data-dir", relay.dataDir], { stdio: ["ignore", "pipe", "pipe"] });
+    const child = spawn(process.execPath, [main, "dlq", "list", "--json", "--data-dir", relay.dataDir], { stdio: ["ignore", "pipe", "pipe"] });
     killOnExit(child);
     let out = "";
     let err = "";
@@ -189,6 +189,8 @@ function holdStore(relay: RestartableRelay, holdMs: number): Promise<void> {
 export interface RunOptions {
   /** Progress lines (fault injections), or nothing. */
   log?: (line: string) => void;
+  /** Another build of the relay to test (an older commit's dist/relay/main.js). */
+  relayMain?: string;
   /** Append every relay log line and controller event here (JSON lines), for a post-mortem. */
   traceFile?: string;
 }
@@ -216,6 +218,7 @@ export async function runScenario(s: Scenario, o: RunOptions = {}): Promise<RunR
         busFile: env.busFile,
         args: [...RELAY_ARGS, ...env.extraArgs],
         dirPrefix: `uptrakit-chaos-${ids[i]}-`,
+        main: o.relayMain,
         onLogLine: (l) => {
           t("relay", { relay: ids[i], line: l });
           if (l.msg === "dead letter recorded") {
@@ -230,7 +233,18 @@ export async function runScenario(s: Scenario, o: RunOptions = {}): Promise<RunR
           rec.notify();
         },
       });
-    relays.push(...(await Promise.all(ids.map((_, i) => startRelay(i)))));
+    const firstStart = async (i: number): Promise<RestartableRelay> => {
+      for (let n = 1; ; n++) {
+        try {
+          return await startRelay(i);
+        } catch (err) {
+          if (n >= 3) throw err;
+          startRetries++;
+          log(`  relay ${ids[i]} did not start (${(err as Error).message.split("\n")[0]}); trying again`);
+        }
+      }
+    };
+    relays.push(...(await Promise.all(ids.map((_, i) => firstStart(i)))));
     const ensureRunning = async (r: RestartableRelay): Promise<void> => {
       for (let n = 1; ; n++) {
         try {
@@ -382,7 +396,7 @@ export async function runScenario(s: Scenario, o: RunOptions = {}): Promise<RunR
         if (!ended) expecting.delete(r.instanceId);
       }),
     );
-    const deadLetters = (await Promise.all(relays.map(dlqList))).flat();
+    const deadLetters = (await Promise.all(relays.map((r) => dlqList(r, o.relayMain)))).flat();
     for (const p of rec.publishes.values()) if (p.outcome === "unanswered") log(`  publish ${p.origin}/${p.id} never answered`);
     return {
       history: {

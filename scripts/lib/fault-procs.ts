@@ -29,6 +29,8 @@ export interface RestartableRelayOptions {
   dirPrefix?: string;
   /** Every JSON log line of the relay, as it comes. */
   onLogLine?: (line: Record<string, unknown>) => void;
+  /** Another build of the relay (e.g. an older commit's dist/relay/main.js); default this tree's. */
+  main?: string;
   /** Every exit of a relay that had reported "relay running" (not of failed starts). */
   onExit?: (exit: { code: number | null; signal: NodeJS.Signals | null }) => void;
 }
@@ -78,7 +80,7 @@ export class RestartableRelay {
   private async launch(): Promise<void> {
     const bus = this.o.natsUrls ? ["--nats-url", this.o.natsUrls.join(",")] : ["--bus", `sqlite:${this.o.busFile}`];
     const args = [
-      RELAY_MAIN, "run", "--instance-id", this.instanceId, "--data-dir", this.dataDir, "--listen", `127.0.0.1:${this.port}`,
+      this.o.main ?? RELAY_MAIN, "run", "--instance-id", this.instanceId, "--data-dir", this.dataDir, "--listen", `127.0.0.1:${this.port}`,
       ...bus, ...(this.o.args ?? []),
     ];
     const child = spawn(process.execPath, args, { env: cleanEnv(), stdio: ["ignore", "pipe", "pipe"] });
