@@ -29,6 +29,7 @@ const FINAL_CODES = new Set(["forbidden_kind", "invalid_frame", "refused", "fram
 const RECONNECT_MS = 100;
 const WORKING_EVERY_MS = 400;
 const RETRY_MS = 300;
+const MAX_CHURN_PER_MESSAGE = 3;
 
 export class ChaosController {
   private ws: WebSocket | undefined;
@@ -42,6 +43,8 @@ export class ChaosController {
   /** Deliveries not answered yet, with the socket they came on. */
   private readonly unsettled = new Map<string, { ws: WebSocket; f: DeliverFrame }>();
   private readonly timers = new Set<NodeJS.Timeout>();
+  /** Disconnects and supersedes caused per message (origin + id). */
+  private readonly churn = new Map<string, number>();
   private readyWaiters: Array<() => void> = [];
 
   constructor(
@@ -194,7 +197,14 @@ export class ChaosController {
   private onDeliver(ws: WebSocket, f: DeliverFrame): void {
     this.ev.delivered(this.instanceId, f);
     if (this.settling) return this.ack(ws, f);
-    const b = this.behaviours[this.deliveries++ % this.behaviours.length] ?? { do: "ack" };
+    let b = this.behaviours[this.deliveries++ % this.behaviours.length] ?? { do: "ack" };
+    // A parked delivery comes straight back to the next session: bound the reconnect churn per message.
+    if (b.do === "disconnect" || b.do === "supersede") {
+      const k = `${f.origin}\u0000${f.id}`;
+      const n = (this.churn.get(k) ?? 0) + 1;
+      this.churn.set(k, n);
+      if (n > MAX_CHURN_PER_MESSAGE) b = { do: "ack" };
+    }
     this.unsettled.set(f.deliveryId, { ws, f });
     switch (b.do) {
       case "ack":
@@ -210,7 +220,8 @@ export class ChaosController {
       case "silence":
         return;
       case "slow":
-        return this.later(b.ms, () => this.ack(ws, f));
+        // Unless settleAll() acked it meanwhile: a second ack of one delivery is refused (unknown_delivery).
+        return this.later(b.ms, () => this.unsettled.has(f.deliveryId) && this.ack(ws, f));
       case "working": {
         const until = Date.now() + b.ms;
         const beat = (): void => {

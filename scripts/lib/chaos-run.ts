@@ -284,7 +284,13 @@ export async function runScenario(s: Scenario, o: RunOptions = {}): Promise<RunR
           },
           ackIneffective: (relay, deliveryId) => {
             t("ack-ineffective", { relay, deliveryId });
-            for (const a of rec.acks) if (a.relay === relay && a.deliveryId === deliveryId) a.effective = false;
+            // Errors come in the order of the frames: the refused one is the latest ack of that delivery.
+            for (let i = rec.acks.length - 1; i >= 0; i--) {
+              const a = rec.acks[i]!;
+              if (a.relay !== relay || a.deliveryId !== deliveryId || !a.effective) continue;
+              a.effective = false;
+              break;
+            }
             rec.notify();
           },
         }),
