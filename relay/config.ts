@@ -295,7 +295,7 @@ const OPTIONS = {
   drainTimeout: option({
     flags: "--drain-timeout <ms>",
     env: "UPTRAKIT_DRAIN_TIMEOUT",
-    help: "on SIGTERM, how long to wait for in-flight deliveries to be acked",
+    help: "on SIGTERM, how long to wait for in-flight deliveries to be acked, then for the outbox to reach the bus",
     parse: durationIn(0, 600_000),
     default: 10_000,
     runOnly: true,
