@@ -83,7 +83,7 @@ function validDeliveryId(v: unknown): v is string {
  * Depth of nested arrays/objects, stopping early once past the limit. Recursive (at most
  * limit + 1 frames deep) and allocation-free: it runs on every publish.
  */
-function depthExceeds(value: unknown, limit: number, depth = 1): boolean {
+export function depthExceeds(value: unknown, limit: number, depth = 1): boolean {
   if (typeof value !== "object" || value === null) return false;
   if (depth > limit) return true;
   if (Array.isArray(value)) {

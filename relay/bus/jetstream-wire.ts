@@ -77,7 +77,11 @@ interface RelayHeaders {
   kind: string;
   publishedAt: string;
   msgId: string;
+  /** The first relay header that was given more than once ("" when none was): a forgery sign. */
+  duplicated: string;
 }
+
+const RELAY_KEYS = [HDR_ORIGIN, HDR_ID, HDR_KIND, HDR_PUBLISHED_AT] as const;
 
 /**
  * The relay's headers of a delivered message ("" when absent), with the semantics of nats.js's
@@ -85,7 +89,7 @@ interface RelayHeaders {
  * header block when nats.js's message exposes it, else goes through m.headers.
  */
 export function readHeaders(m: JsMsg): RelayHeaders {
-  const out: RelayHeaders = { origin: "", id: "", kind: "", publishedAt: "", msgId: "" };
+  const out: RelayHeaders = { origin: "", id: "", kind: "", publishedAt: "", msgId: "", duplicated: "" };
   const block = rawHeaderBlock(m);
   if (block === undefined) {
     const h = m.headers;
@@ -95,6 +99,7 @@ export function readHeaders(m: JsMsg): RelayHeaders {
       out.kind = h.get(HDR_KIND);
       out.publishedAt = h.get(HDR_PUBLISHED_AT);
       out.msgId = h.get("Nats-Msg-Id");
+      out.duplicated = RELAY_KEYS.find((k) => h.values(k).length > 1) ?? "";
     }
     return out;
   }
@@ -117,9 +122,11 @@ export function readHeaders(m: JsMsg): RelayHeaders {
       else if (key === HDR_KIND) (field = "kind"), (bit = 4);
       else if (key === HDR_PUBLISHED_AT) (field = "publishedAt"), (bit = 8);
       else if (key === "Nats-Msg-Id") (field = "msgId"), (bit = 16);
-      if (field !== undefined && (seen & bit) === 0) {
-        seen |= bit;
-        out[field] = text.slice(colon + 1, end).trim();
+      if (field !== undefined) {
+        if ((seen & bit) === 0) {
+          seen |= bit;
+          out[field] = text.slice(colon + 1, end).trim();
+        } else if (bit !== 16 && out.duplicated === "") out.duplicated = key;
       }
     }
     pos = end + 2;
