@@ -3,6 +3,7 @@
 import type { JsMsg } from "@nats-io/jetstream";
 import type { InboundMessage } from "./bus.js";
 import { SUBJECT_PREFIX, ackInfo, decodeHeader, readHeaders } from "./jetstream-wire.js";
+import { validTracestate, validTraceparent } from "../trace-context.js";
 
 export interface Settler {
   cork(): void;
@@ -30,6 +31,8 @@ export class JsInbound implements InboundMessage {
   readonly kind: string;
   readonly origin: string;
   readonly publishedAt: string;
+  readonly traceparent: string | undefined;
+  readonly tracestate: string | undefined;
   readonly attempt: number;
   readonly seq: number;
   /** The ack subject; "" if nats.js did not expose it (then settles go through `legacy`). */
@@ -56,6 +59,9 @@ export class JsInbound implements InboundMessage {
     this.kind = h.kind || m.subject.slice(SUBJECT_PREFIX.length + 1);
     this.origin = h.origin;
     this.publishedAt = h.publishedAt || m.time.toISOString();
+    // Anyone may publish on the subject: only a well-formed context is passed on.
+    this.traceparent = h.traceparent && validTraceparent(h.traceparent) ? h.traceparent : undefined;
+    this.tracestate = this.traceparent && h.tracestate && validTracestate(h.tracestate) ? h.tracestate : undefined;
     this.m = m;
   }
 
