@@ -102,6 +102,7 @@ dlq
         deadAt: r.deadAt,
         replayRequested: r.replayRequested,
         ...payloadOf(r.payloadJson),
+        ...(r.traceparent === undefined ? {} : { traceparent: r.traceparent, tracestate: r.tracestate }),
       }));
       process.stdout.write(JSON.stringify(out, null, 2) + "\n");
       return;

@@ -28,6 +28,7 @@ export class RelayMetrics {
   readonly refused = this.counter("refused_total", "Publishes the bus refused for good (answered 'refused', or set aside from the outbox as dead letters)");
   readonly outboxFlushed = this.counter("outbox_flushed_total", "Queued publishes sent from the outbox to the bus");
   readonly settleFailures = this.counter("settle_failures_total", "Acks, naks, working and terms the bus could not be sent (the message is redelivered)");
+  readonly traceContextDropped = this.counter("trace_context_dropped_total", "Publishes whose malformed traceparent/tracestate was dropped (the publish went ahead without it)");
   readonly natsStale = this.counter("nats_stale_total", "Times the NATS connection was found silently cut off (no answer to pings or PubAcks) and given up");
 
   readonly inboundRejected = (() => {

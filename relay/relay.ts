@@ -279,12 +279,18 @@ export class Relay {
       this.metrics.unavailable.inc();
       return s.sendError({ id: f.id, code: "unavailable", message: "the relay is shutting down" });
     }
+    if (f.traceDropped !== undefined) {
+      this.metrics.traceContextDropped.inc();
+      this.log.warn({ id: f.id, reason: f.traceDropped }, "dropped the publish's trace context; publishing without it");
+    }
     const outcome = await this.publisher!.publish({
       id: f.id,
       kind: f.kind,
       origin: this.cfg.instanceId,
       publishedAt: isoNow(),
       payloadJson: f.payloadJson,
+      traceparent: f.traceparent,
+      tracestate: f.tracestate,
     });
     if (outcome.status === "unavailable" || outcome.status === "refused") {
       (outcome.status === "unavailable" ? this.metrics.unavailable : this.metrics.refused).inc();

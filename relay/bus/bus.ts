@@ -24,6 +24,9 @@ export interface BusMessage {
   publishedAt: string;
   /** Payload as JSON text. */
   payloadJson: string;
+  /** W3C trace context of the publish (validated by the origin relay), carried as it is. */
+  traceparent?: string;
+  tracestate?: string;
 }
 
 export interface InboundMessage extends BusMessage {
