@@ -43,6 +43,7 @@ export interface RelayConfig {
   maxFrameBytes: number;
   outboxMax: number;
   drainTimeoutMs: number;
+  readiness: Readiness;
   logLevel: string;
   natsAuth: NatsAuth;
 }
@@ -100,6 +101,10 @@ function streamName(value: string): string {
     throw new InvalidArgumentError("expected 1-64 characters of letters, digits, '_' or '-'");
   return value;
 }
+
+/** What /readyz answers while the bus is down (see relay/readiness.ts). */
+export type Readiness = "degraded" | "strict";
+const READINESS_MODES: readonly Readiness[] = ["degraded", "strict"];
 
 const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"];
 
@@ -300,6 +305,14 @@ const OPTIONS = {
     default: 10_000,
     runOnly: true,
   }),
+  readiness: option({
+    flags: "--readiness <mode>",
+    env: "UPTRAKIT_RELAY_READINESS",
+    help: "what `/readyz` says while the bus is down: `degraded` (200 with `\"status\":\"degraded\"` while publishes can still be taken into the outbox; 503 only when they cannot) or `strict` (503 whenever the bus is not connected); see deploy/README.md",
+    parse: (v: string) => oneOf(READINESS_MODES)(v) as Readiness,
+    default: "degraded" as Readiness,
+    runOnly: true,
+  }),
   logLevel: option({
     flags: "--log-level <level>",
     env: "UPTRAKIT_LOG_LEVEL",
@@ -420,6 +433,7 @@ export function toRelayConfig(given: Record<string, unknown>): RelayConfig {
     maxFrameBytes: o.maxFrameBytes,
     outboxMax: o.outboxMax,
     drainTimeoutMs: o.drainTimeout,
+    readiness: o.readiness,
     logLevel: o.logLevel,
     natsAuth: natsAuth(o),
   };

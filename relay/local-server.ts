@@ -14,6 +14,7 @@ import {
   type FrameError,
 } from "./protocol.js";
 import type { Logger } from "./log.js";
+import { readinessBody, type ReadinessReport } from "./readiness.js";
 
 export interface LocalServerOptions {
   host: string;
@@ -26,7 +27,7 @@ export interface LocalServerOptions {
 }
 
 export interface LocalServerHooks {
-  readiness(): { ready: boolean; reason?: string };
+  readiness(): ReadinessReport;
   metrics(): Promise<{ contentType: string; body: string }>;
   sessionOpened(session: ControllerSession): void;
   sessionClosed(session: ControllerSession): void;
@@ -184,7 +185,7 @@ export class LocalServer {
         return json(200, { status: "ok" });
       case "/readyz": {
         const r = this.o.hooks.readiness();
-        return r.ready ? json(200, { status: "ready" }) : json(503, { status: "not ready", reason: r.reason });
+        return json(r.ready ? 200 : 503, readinessBody(r));
       }
       case "/metrics": {
         try {

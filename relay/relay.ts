@@ -13,6 +13,7 @@ import type { Logger } from "./log.js";
 import { RelayMetrics } from "./metrics.js";
 import { CLOSE_NORMAL, CLOSE_SUPERSEDED, publishedFrame, readyFrame, type ClientFrame, type FrameError, type PublishFrame } from "./protocol.js";
 import { Publisher } from "./publisher.js";
+import { readiness, type ReadinessReport } from "./readiness.js";
 import { ReplaySource } from "./replay.js";
 import { DAEMON_BUSY_TIMEOUT_MS, RelayStore } from "./store/store.js";
 
@@ -57,6 +58,8 @@ export class Relay {
   constructor(cfg: RelayConfig, logger: Logger) {
     this.cfg = cfg;
     this.log = logger;
+    this.metrics.outboxMax.set(cfg.outboxMax);
+    this.metrics.readinessSource = () => this.readiness();
   }
 
   get state(): RelayState {
@@ -181,11 +184,17 @@ export class Relay {
     this.log.info({ outbox }, "relay stopped");
   }
 
-  readiness(): { ready: boolean; reason?: string } {
-    if (this._state !== "running") return { ready: false, reason: `relay is ${this._state}` };
-    const s = this.bus!.status();
-    if (s.state !== "connected") return { ready: false, reason: `bus ${this.bus!.name} is ${s.state}${s.reason ? `: ${s.reason}` : ""}` };
-    return { ready: true };
+  readiness(): ReadinessReport {
+    if (this._state !== "running") return { ready: false, degraded: false, reason: `relay is ${this._state}` };
+    return readiness({
+      mode: this.cfg.readiness,
+      state: this._state,
+      busName: this.bus!.name,
+      bus: this.bus!.status(),
+      outboxDepth: this.publisher!.outboxDepth,
+      outboxMax: this.cfg.outboxMax,
+      storeProblem: this.publisher!.storeProblem,
+    });
   }
 
   // ---- controller session ----
