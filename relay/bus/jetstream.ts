@@ -188,6 +188,20 @@ export class JetStreamBus implements Bus {
     this.log.info({ urls: this.opts.urls, stream: this.opts.stream, consumer: this.opts.instanceId }, "JetStream bus started");
   }
 
+  /**
+   * A connection of its own with exactly the relay's connection and auth options, for `doctor`
+   * (the caller closes it). Rejects with BusStartError as start() would; its cause is the error
+   * nats.js gave (see isAuthError).
+   */
+  diagnosticConnection(): Promise<NatsConnection> {
+    return this.connect("doctor");
+  }
+
+  /** The stream and consumer configuration this relay would create (for `doctor` to compare). */
+  expectedConfig(): { stream: Partial<StreamConfig> & { name: string }; consumer: Partial<ConsumerConfig> } {
+    return { stream: this.streamConfig(), consumer: this.consumerConfig() };
+  }
+
   private async connect(purpose?: string): Promise<NatsConnection> {
     const options: NodeConnectionOptions = {
       servers: this.opts.urls,
@@ -249,7 +263,7 @@ export class JetStreamBus implements Bus {
    * A server without -js answers the JetStream API with "no responders"; so does a cluster while it
    * elects a leader. Retry for a few seconds before calling it a configuration error.
    */
-  private async checkJetStream(nc: NatsConnection): Promise<JetStreamManager> {
+  async checkJetStream(nc: NatsConnection): Promise<JetStreamManager> {
     const jsm = await jetstreamManager(nc, { timeout: API_TIMEOUT_MS, checkAPI: false });
     const until = Date.now() + JS_CHECK_WINDOW_MS;
     for (let attempt = 0; ; attempt++) {
@@ -947,7 +961,7 @@ function isTlsError(err: unknown): boolean {
   return typeof code === "string" && /^(UNABLE_TO_|CERT_|ERR_TLS_|ERR_SSL_|DEPTH_ZERO_|SELF_SIGNED_|HOSTNAME_)/.test(code);
 }
 
-function isAuthError(err: unknown): boolean {
+export function isAuthError(err: unknown): boolean {
   return (
     err instanceof natsErrors.AuthorizationError ||
     err instanceof natsErrors.UserAuthenticationExpiredError ||
