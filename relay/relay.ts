@@ -170,10 +170,13 @@ export class Relay {
     if (!idle || released > 0) this.log.warn({ released }, "drain timeout: unacked deliveries handed back for redelivery");
     if (t && !(await t.waitRecorded(this.cfg.drainTimeoutMs)))
       this.log.error({ recording: t.recordingCount }, "dead letters still being written at shutdown are left to the bus, which redelivers them");
-    await this.server?.close(CLOSE_NORMAL, "relay shutting down");
+    await this.server?.closeSessions(CLOSE_NORMAL, "relay shutting down");
     await this.publisher?.settle();
+    // Shown while the flush runs (probes and /metrics still answer), so a last scrape sees it.
+    this.metrics.outboxUnflushedAtStop.set(this.publisher?.outboxDepth ?? 0);
     const outbox = (await this.publisher?.flushBeforeStop(this.cfg.drainTimeoutMs)) ?? 0;
     this.metrics.outboxUnflushedAtStop.set(outbox);
+    await this.server?.close(CLOSE_NORMAL, "relay shutting down");
     if (outbox > 0)
       this.log.error(
         { outbox, dataDir: this.cfg.dataDir },

@@ -339,7 +339,7 @@ t.test("publish and consume", async (t) => {
     const nc = await connect({ servers: s.url });
     t.teardown(() => nc.close());
     const js = (await jetstreamManager(nc)).jetstream();
-    await js.publish("uptrakit.push.Foreign", '{"a":1}');
+    await js.publish("uptrakit.push.someone.Foreign", '{"a":1}');
     const m = await got.take();
     t.equal(m.kind, "Foreign");
     t.equal(m.payloadJson, '{"a":1}');

@@ -2,7 +2,7 @@
 
 import type { JsMsg } from "@nats-io/jetstream";
 import type { InboundMessage } from "./bus.js";
-import { SUBJECT_PREFIX, ackInfo, decodeHeader, readHeaders } from "./jetstream-wire.js";
+import { ackInfo, decodeHeader, parseSubject, readHeaders } from "./jetstream-wire.js";
 
 export interface Settler {
   cork(): void;
@@ -53,7 +53,7 @@ export class JsInbound implements InboundMessage {
     this.attempt = info.deliveryCount;
     // A missing header reads as "": every fallback below applies to "" as well.
     this.id = h.id ? decodeHeader(h.id) : h.msgId || `${m.info.stream}:${info.streamSequence}`;
-    this.kind = h.kind || m.subject.slice(SUBJECT_PREFIX.length + 1);
+    this.kind = h.kind || parseSubject(m.subject)?.kind || "";
     this.origin = h.origin;
     this.publishedAt = h.publishedAt || m.time.toISOString();
     this.m = m;

@@ -10,6 +10,28 @@ import type { BusMessage } from "./bus.js";
 export const SUBJECT_PREFIX = "uptrakit.push";
 export const SUBJECT_FILTER = `${SUBJECT_PREFIX}.>`;
 
+// A message's subject is uptrakit.push.<origin>.<kind>: the origin is in the subject so that NATS
+// itself can enforce it (each relay's user may publish on uptrakit.push.<own-id>.> only). These
+// two are the only places that know the layout.
+const PREFIX_DOT = `${SUBJECT_PREFIX}.`;
+
+/** The subject of a message of `kind` published by relay `origin` (both valid subject tokens). */
+export function subjectFor(origin: string, kind: string): string {
+  return `${PREFIX_DOT}${origin}.${kind}`;
+}
+
+/**
+ * (origin, kind) from a subject, or undefined when it is not uptrakit.push.<origin>.<kind> with two
+ * non-empty tokens. The tokens themselves are the inbound policy's to judge.
+ */
+export function parseSubject(subject: string): { origin: string; kind: string } | undefined {
+  if (!subject.startsWith(PREFIX_DOT)) return undefined;
+  const start = PREFIX_DOT.length;
+  const dot = subject.indexOf(".", start);
+  if (dot <= start || dot === subject.length - 1 || subject.indexOf(".", dot + 1) >= 0) return undefined;
+  return { origin: subject.slice(start, dot), kind: subject.slice(dot + 1) };
+}
+
 const HDR_ORIGIN = "Uptrakit-Origin";
 const HDR_ID = "Uptrakit-Id";
 const HDR_KIND = "Uptrakit-Kind";

@@ -51,7 +51,7 @@ import {
   type StreamInfo,
 } from "./bus.js";
 import { JsInbound, type Settler } from "./jetstream-inbound.js";
-import { SUBJECT_FILTER, SUBJECT_PREFIX, publishHeaders } from "./jetstream-wire.js";
+import { SUBJECT_FILTER, publishHeaders, subjectFor } from "./jetstream-wire.js";
 
 export type JetStreamBusOptions = BusSettings & {
   urls: string[];
@@ -488,7 +488,7 @@ export class JetStreamBus implements Bus {
       this.pendingAcks.set(token, { resolve, reject, deadline: Date.now() + PUBLISH_TIMEOUT_MS });
       this.corkNats();
       try {
-        nc.publish(`${SUBJECT_PREFIX}.${msg.kind}`, Buffer.from(msg.payloadJson), { headers: h, reply: `${this.ackPrefix}.${token}` });
+        nc.publish(subjectFor(msg.origin, msg.kind), Buffer.from(msg.payloadJson), { headers: h, reply: `${this.ackPrefix}.${token}` });
       } catch (err) {
         this.pendingAcks.delete(token);
         reject(
