@@ -180,9 +180,11 @@ async function consumerCheck(cfg: RelayConfig, jsm: JetStreamManager, want: Part
  * with requests the server authorises first and then refuses, so nothing is stored, created or
  * delivered: a publish that expects a stream name no stream can have (JetStream answers
  * "expected stream does not match" and stores nothing), and a consumer create and a pull whose
- * bodies are not JSON (answered "invalid JSON" / "400 Bad Request"). A subject the user may not
- * publish on is answered "Permissions Violation" by the server itself.
+ * bodies are broken JSON (answered "invalid JSON" / "400 Bad Request"). The body must start with
+ * "{": a pull body that does not is read as a batch size, i.e. as a real pull request. A subject
+ * the user may not publish on is answered "Permissions Violation" by the server itself.
  */
+const BROKEN_JSON = "{not json";
 async function permissionChecks(cfg: RelayConfig, nc: NatsConnection, checks: Checks): Promise<void> {
   const subject = subjectFor(cfg.instanceId, PROBE_KIND);
   const h = headers();
@@ -200,7 +202,7 @@ async function permissionChecks(cfg: RelayConfig, nc: NatsConnection, checks: Ch
   }
   const create = `$JS.API.CONSUMER.CREATE.${cfg.stream}.${cfg.instanceId}.${SUBJECT_FILTER}`;
   try {
-    const m = await nc.request(create, "not json", { timeout: REQUEST_TIMEOUT_MS });
+    const m = await nc.request(create, BROKEN_JSON, { timeout: REQUEST_TIMEOUT_MS });
     if (/invalid JSON|10025/.test(m.string())) granted.push("create its consumer");
     else problems.push(`${create} answered ${m.string()}`);
   } catch (err) {
@@ -208,7 +210,7 @@ async function permissionChecks(cfg: RelayConfig, nc: NatsConnection, checks: Ch
   }
   const pull = `$JS.API.CONSUMER.MSG.NEXT.${cfg.stream}.${cfg.instanceId}`;
   try {
-    const m = await nc.request(pull, "not json", { timeout: REQUEST_TIMEOUT_MS });
+    const m = await nc.request(pull, BROKEN_JSON, { timeout: REQUEST_TIMEOUT_MS });
     const code = m.headers?.code;
     if (code === 400) granted.push("pull from its consumer");
     else if (code === 503) granted.push("pull (not checked: the consumer does not exist yet)");
