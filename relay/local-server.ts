@@ -15,6 +15,8 @@ import {
 } from "./protocol.js";
 import type { Logger } from "./log.js";
 import { readinessBody, type ReadinessReport } from "./readiness.js";
+import type { StatusSnapshot } from "./status.js";
+import { serveStatus } from "./status-page.js";
 
 export interface LocalServerOptions {
   host: string;
@@ -29,6 +31,8 @@ export interface LocalServerOptions {
 export interface LocalServerHooks {
   readiness(): ReadinessReport;
   metrics(): Promise<{ contentType: string; body: string }>;
+  /** The status page's data (GET /status.json). */
+  status(): Promise<StatusSnapshot>;
   sessionOpened(session: ControllerSession): void;
   sessionClosed(session: ControllerSession): void;
   frame(session: ControllerSession, frame: ClientFrame): void;
@@ -207,7 +211,9 @@ export class LocalServer {
       case "/ws":
         return json(426, { error: "upgrade to a WebSocket" });
       default:
-        return json(404, { error: "not found", paths: ["/ws", "/healthz", "/readyz", "/metrics"] });
+        // The status page (/, /status.json), behind the token when one is set.
+        if (await serveStatus(req, res, { token: this.o.token, snapshot: () => this.o.hooks.status() })) return;
+        return json(404, { error: "not found", paths: ["/", "/status.json", "/ws", "/healthz", "/readyz", "/metrics"] });
     }
   }
 

@@ -14,6 +14,7 @@ import { RelayMetrics } from "./metrics.js";
 import { CLOSE_NORMAL, CLOSE_SUPERSEDED, publishedFrame, readyFrame, type ClientFrame, type FrameError, type PublishFrame } from "./protocol.js";
 import { Publisher } from "./publisher.js";
 import { readiness, type ReadinessReport } from "./readiness.js";
+import { StatusReporter } from "./status.js";
 import { ReplaySource } from "./replay.js";
 import { DAEMON_BUSY_TIMEOUT_MS, RelayStore } from "./store/store.js";
 
@@ -130,6 +131,7 @@ export class Relay {
         hooks: {
           readiness: () => this.readiness(),
           metrics: async () => ({ contentType: this.metrics.registry.contentType, body: await this.metrics.registry.metrics() }),
+          status: () => this.statusReporter().snapshot(),
           sessionOpened: (s) => this.onSessionOpened(s),
           sessionClosed: (s) => this.onSessionClosed(s),
           frame: (s, f) => this.onFrame(s, f),
@@ -185,6 +187,24 @@ export class Relay {
     await this.teardown();
     this._state = "closed";
     this.log.info({ outbox }, "relay stopped");
+  }
+
+  private reporter: StatusReporter | undefined;
+  /** The status page's data source, made on first use (the store and bus exist by then). */
+  private statusReporter(): StatusReporter {
+    this.reporter ??= new StatusReporter({
+      instanceId: this.cfg.instanceId,
+      stream: this.cfg.stream,
+      busName: this.bus!.name,
+      readinessMode: this.cfg.readiness,
+      bus: () => this.bus!.status(),
+      location: () => this.bus!.location(),
+      readiness: () => this.readiness(),
+      metrics: this.metrics,
+      deadLetters: (limit) => this.store!.deadLetterSummary(limit),
+      peers: () => this.bus!.peers(),
+    });
+    return this.reporter;
   }
 
   readiness(): ReadinessReport {

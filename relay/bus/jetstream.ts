@@ -51,6 +51,8 @@ import {
   type StreamInfo,
 } from "./bus.js";
 import { JsInbound, type Settler } from "./jetstream-inbound.js";
+import { readJetStreamPeers } from "./jetstream-peers.js";
+import type { Peer } from "../peers.js";
 import { SUBJECT_FILTER, publishHeaders, subjectFor } from "./jetstream-wire.js";
 
 export type JetStreamBusOptions = BusSettings & {
@@ -844,6 +846,18 @@ export class JetStreamBus implements Bus {
   }
 
   // ---- info and shutdown ----------------------------------------------------------------------
+
+  async peers(): Promise<Peer[]> {
+    if (!this.jsm) throw new BusUnavailableError("JetStream bus is not started");
+    return readJetStreamPeers(this.jsm, this.opts.stream, this.opts.instanceId);
+  }
+
+  location(): string | undefined {
+    const nc = this.nc;
+    if (!nc || nc.isClosed()) return undefined;
+    const info = nc.info;
+    return `${redactUrl(nc.getServer())}${info ? ` (nats-server ${info.version}${info.server_name ? `, ${info.server_name}` : ""})` : ""}`;
+  }
 
   async info(): Promise<StreamInfo> {
     if (!this.jsm) throw new BusUnavailableError("JetStream bus is not started");
