@@ -26,7 +26,7 @@ section{background:var(--card);border:1px solid var(--line);border-radius:8px;pa
 .badge{display:inline-block;padding:.1rem .55rem;border-radius:999px;font-weight:600;font-size:.8rem;color:#fff;background:var(--muted)}
 .ok{background:var(--ok)}.warn{background:var(--warn)}.bad{background:var(--bad)}
 table{width:100%;border-collapse:collapse;font-variant-numeric:tabular-nums}th,td{text-align:left;padding:.3rem .4rem;border-bottom:1px solid var(--line);vertical-align:top}
-th{font-weight:600;color:var(--muted)}td.n{text-align:right}code{font-size:.85em}
+th{font-weight:600;color:var(--muted)}td.n{text-align:right}code{font-size:.85em;word-break:break-all}
 form{display:flex;gap:.5rem;margin-top:1rem}input{padding:.4rem;font:inherit;min-width:18rem}button{padding:.4rem .8rem;font:inherit}
 `;
 
@@ -97,7 +97,7 @@ const tile = (label: string, field: string, extra = ""): string => `<div class="
 
 const PAGE = `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>uptrakit-relay status</title><style>${STYLE}</style></head>
+<title>uptrakit-relay status</title><link rel="icon" href="data:,"><style>${STYLE}</style></head>
 <body>
 <header><h1>uptrakit-relay <span data-field="instanceId">…</span></h1><span class="muted" data-field="bus"></span>
 <span class="badge" data-field="page">loading</span><span class="muted">updated <span data-field="generatedAt">…</span></span></header>
@@ -126,7 +126,7 @@ ${COUNTER_LABELS.map(([k, label]) => `<tr><th>${label}</th><td class="n" data-fi
 `;
 
 const LOGIN = (message: string): string => `<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>uptrakit-relay status: token</title><style>${STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8"><title>uptrakit-relay status: token</title><link rel="icon" href="data:,"><style>${STYLE}</style></head>
 <body><header><h1>uptrakit-relay</h1></header><main><section class="wide">
 <h2>This relay needs its token</h2><p>${message}</p>
 <form method="get" action="./"><input type="password" name="token" placeholder="relay token (--token)" autocomplete="current-password" autofocus><button>Show status</button></form>
@@ -135,7 +135,7 @@ const LOGIN = (message: string): string => `<!doctype html>
 `;
 
 const hash = (s: string): string => `'sha256-${createHash("sha256").update(s).digest("base64")}'`;
-const CSP = `default-src 'none'; script-src ${hash(SCRIPT)}; style-src ${hash(STYLE)}; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'`;
+const CSP = `default-src 'none'; script-src ${hash(SCRIPT)}; style-src ${hash(STYLE)}; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'`;
 const HEADERS = { "content-security-policy": CSP, "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "cache-control": "no-store" };
 
 function cookieToken(req: http.IncomingMessage): string | undefined {
