@@ -197,7 +197,7 @@ const OPTIONS = {
   listen: option({
     flags: "--listen <host:port>",
     env: "UPTRAKIT_RELAY_LISTEN",
-    help: "the controller-facing server (`/ws`, `/healthz`, `/readyz`, `/metrics`)",
+    help: "the controller-facing server (`/ws`, `/healthz`, `/readyz`, `/metrics`, and the status page `/` with `/status.json`)",
     parse: listen,
     default: { host: "127.0.0.1", port: 4380 },
     defaultText: "`127.0.0.1:4380`",
@@ -213,7 +213,7 @@ const OPTIONS = {
   token: option({
     flags: "--token <secret>",
     env: "UPTRAKIT_RELAY_TOKEN",
-    help: "require `Authorization: Bearer <secret>` on the WebSocket upgrade (else HTTP 401)",
+    help: "require `Authorization: Bearer <secret>` on the WebSocket upgrade (else HTTP 401) and for the status page (`/`, `/status.json`)",
     parse: text,
     runOnly: true,
   }),

@@ -1,6 +1,6 @@
 // The alert rules and the Grafana dashboard in deploy/: promtool (Debian's prometheus package,
 // which .ci/run installs) checks the rules and runs their unit tests; the plain rules file and
-// the Kubernetes PrometheusRule hold the same groups; every alert has a test where it fires and
+// the Kubernetes PrometheusRule (deploy/kubernetes/monitoring/) hold the same groups; every alert has a test where it fires and
 // one where it stays quiet; and a running relay exports every metric the rules and the
 // dashboard name.
 
@@ -15,7 +15,7 @@ import { startRelay, tempDir } from "./helpers/relay-process.js";
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const RULES = path.join(ROOT, "deploy/prometheus/uptrakit-relay-rules.yaml");
 const RULE_TESTS = path.join(ROOT, "deploy/prometheus/uptrakit-relay-rules.test.yaml");
-const K8S_RULE = path.join(ROOT, "deploy/kubernetes/prometheus-rule.yaml");
+const K8S_RULE = path.join(ROOT, "deploy/kubernetes/monitoring/prometheus-rule.yaml");
 const DASHBOARD = path.join(ROOT, "deploy/grafana/uptrakit-relay-dashboard.json");
 
 /**
