@@ -8,11 +8,14 @@ import { HANDBACK_DELAY_MS, type Bus, type Consumption, type InboundMessage } fr
 import { createBus } from "./bus/create.js";
 import type { RelayConfig } from "./config.js";
 import { DeliveryMachine, type ArrivalSource } from "./delivery.js";
+import { InboundGate } from "./inbound-gate.js";
 import { LocalServer, type ControllerSession } from "./local-server.js";
 import type { Logger } from "./log.js";
 import { RelayMetrics } from "./metrics.js";
 import { CLOSE_NORMAL, CLOSE_SUPERSEDED, publishedFrame, readyFrame, type ClientFrame, type FrameError, type PublishFrame } from "./protocol.js";
 import { Publisher } from "./publisher.js";
+import { readiness, type ReadinessReport } from "./readiness.js";
+import { StatusReporter } from "./status.js";
 import { ReplaySource } from "./replay.js";
 import { DAEMON_BUSY_TIMEOUT_MS, RelayStore } from "./store/store.js";
 
@@ -48,6 +51,7 @@ export class Relay {
     recordDeadLetter: (msg, attempts, reason) => this.store!.addDeadLetter(msg, attempts, reason),
   };
   private replay: ReplaySource | undefined;
+  private gate: InboundGate | undefined;
   private session: ControllerSession | undefined;
   private consumption: Consumption | undefined;
   private consumptionStopping: Promise<void> = Promise.resolve();
@@ -57,6 +61,8 @@ export class Relay {
   constructor(cfg: RelayConfig, logger: Logger) {
     this.cfg = cfg;
     this.log = logger;
+    this.metrics.outboxMax.set(cfg.outboxMax);
+    this.metrics.readinessSource = () => this.readiness();
   }
 
   get state(): RelayState {
@@ -102,6 +108,12 @@ export class Relay {
         metrics: this.metrics,
         logger: this.log,
       });
+      this.gate = new InboundGate({
+        instanceId: this.cfg.instanceId,
+        metrics: this.metrics,
+        logger: this.log,
+        deliver: (m, source) => this.tracker!.offer(m, source),
+      });
       this.replay = new ReplaySource({
         store: this.store,
         instanceId: this.cfg.instanceId,
@@ -127,6 +139,7 @@ export class Relay {
         hooks: {
           readiness: () => this.readiness(),
           metrics: async () => ({ contentType: this.metrics.registry.contentType, body: await this.metrics.registry.metrics() }),
+          status: () => this.statusReporter().snapshot(),
           sessionOpened: (s) => this.onSessionOpened(s),
           sessionClosed: (s) => this.onSessionClosed(s),
           frame: (s, f) => this.onFrame(s, f),
@@ -165,12 +178,17 @@ export class Relay {
     const idle = (await t?.waitIdle(this.cfg.drainTimeoutMs)) ?? true;
     const released = t?.releaseAll(HANDBACK_DELAY_MS) ?? 0; // see HANDBACK_DELAY_MS
     if (!idle || released > 0) this.log.warn({ released }, "drain timeout: unacked deliveries handed back for redelivery");
+    if (this.gate && !(await this.gate.waitIdle(this.cfg.drainTimeoutMs)))
+      this.log.error("dead letters of rejected inbound messages still being written at shutdown are left to the bus, which redelivers them");
     if (t && !(await t.waitRecorded(this.cfg.drainTimeoutMs)))
       this.log.error({ recording: t.recordingCount }, "dead letters still being written at shutdown are left to the bus, which redelivers them");
-    await this.server?.close(CLOSE_NORMAL, "relay shutting down");
+    await this.server?.closeSessions(CLOSE_NORMAL, "relay shutting down");
     await this.publisher?.settle();
+    // Shown while the flush runs (probes and /metrics still answer), so a last scrape sees it.
+    this.metrics.outboxUnflushedAtStop.set(this.publisher?.outboxDepth ?? 0);
     const outbox = (await this.publisher?.flushBeforeStop(this.cfg.drainTimeoutMs)) ?? 0;
     this.metrics.outboxUnflushedAtStop.set(outbox);
+    await this.server?.close(CLOSE_NORMAL, "relay shutting down");
     if (outbox > 0)
       this.log.error(
         { outbox, dataDir: this.cfg.dataDir },
@@ -181,11 +199,35 @@ export class Relay {
     this.log.info({ outbox }, "relay stopped");
   }
 
-  readiness(): { ready: boolean; reason?: string } {
-    if (this._state !== "running") return { ready: false, reason: `relay is ${this._state}` };
-    const s = this.bus!.status();
-    if (s.state !== "connected") return { ready: false, reason: `bus ${this.bus!.name} is ${s.state}${s.reason ? `: ${s.reason}` : ""}` };
-    return { ready: true };
+  private reporter: StatusReporter | undefined;
+  /** The status page's data source, made on first use (the store and bus exist by then). */
+  private statusReporter(): StatusReporter {
+    this.reporter ??= new StatusReporter({
+      instanceId: this.cfg.instanceId,
+      stream: this.cfg.stream,
+      busName: this.bus!.name,
+      readinessMode: this.cfg.readiness,
+      bus: () => this.bus!.status(),
+      location: () => this.bus!.location(),
+      readiness: () => this.readiness(),
+      metrics: this.metrics,
+      deadLetters: (limit) => this.store!.deadLetterSummary(limit),
+      peers: () => this.bus!.peers(),
+    });
+    return this.reporter;
+  }
+
+  readiness(): ReadinessReport {
+    if (this._state !== "running") return { ready: false, degraded: false, reason: `relay is ${this._state}` };
+    return readiness({
+      mode: this.cfg.readiness,
+      state: this._state,
+      busName: this.bus!.name,
+      bus: this.bus!.status(),
+      outboxDepth: this.publisher!.outboxDepth,
+      outboxMax: this.cfg.outboxMax,
+      storeProblem: this.publisher!.storeProblem,
+    });
   }
 
   // ---- controller session ----
@@ -266,12 +308,18 @@ export class Relay {
       this.metrics.unavailable.inc();
       return s.sendError({ id: f.id, code: "unavailable", message: "the relay is shutting down" });
     }
+    if (f.traceDropped !== undefined) {
+      this.metrics.traceContextDropped.inc();
+      this.log.warn({ id: f.id, reason: f.traceDropped }, "dropped the publish's trace context; publishing without it");
+    }
     const outcome = await this.publisher!.publish({
       id: f.id,
       kind: f.kind,
       origin: this.cfg.instanceId,
       publishedAt: isoNow(),
       payloadJson: f.payloadJson,
+      traceparent: f.traceparent,
+      tracestate: f.tracestate,
     });
     if (outcome.status === "unavailable" || outcome.status === "refused") {
       (outcome.status === "unavailable" ? this.metrics.unavailable : this.metrics.refused).inc();
@@ -307,14 +355,12 @@ export class Relay {
     this.admit(m, this.busSource);
   }
 
-  /** The one entry point of messages into delivery, from the bus and from replay alike. */
+  /**
+   * The one entry point of messages into delivery, from the bus and from replay alike: the
+   * inbound gate filters echoes and turns whatever breaks the inbound policy into dead letters.
+   */
   private admit(m: InboundMessage, source: ArrivalSource): void {
-    if (m.origin === this.cfg.instanceId) {
-      m.ack();
-      this.metrics.echoFiltered.inc();
-      return;
-    }
-    this.tracker!.offer(m, source);
+    this.gate!.admit(m, source);
   }
 
   private warnIfExposed(): void {
