@@ -4,6 +4,9 @@
 // ack wait; with the pull outliving several ack waits (nats.js's default 30 s against
 // --ack-wait 1500) every arrival up to max_deliver went into the void and the server gave the
 // message up: neither delivered nor a dead letter. Now a pull lasts at most one ack wait.
+// Second (also found by npm run chaos): a partition healed after the PubAck-timeout probe declared
+// the link dead, but before nats.js's missed pings did, left the bus "disconnected" for good —
+// its outbox never flushed — because probing on over the old connection never sees the heal.
 
 import t from "tap";
 import { startTcpProxy } from "../scripts/lib/tcp-proxy.js";
@@ -64,4 +67,40 @@ t.test("published during a silent partition longer than several ack waits: deliv
     t.ok(got.delivered || got.dead, `${id}: delivered to b's controller or a dead letter at b (not gone)`);
     if (got.delivered) t.ok(Number(got.delivered.attempt) <= MAX_DELIVER, `${id} delivered as attempt ${got.delivered.attempt}`);
   }
+});
+
+t.test("a partition healed after the PubAck probe gave up but before the missed pings: the bus reconnects and flushes its outbox", async (t) => {
+  const nats = await startNatsServer();
+  const proxy = await startTcpProxy(nats.port);
+  const relays: RelayProcess[] = [];
+  const controllers: TestController[] = [];
+  t.teardown(async () => {
+    await Promise.all(controllers.map((c) => c.close().catch(() => undefined)));
+    await Promise.all(relays.map((r) => r.stop("SIGKILL")));
+    await proxy.close();
+    await nats.stop();
+  });
+  const a = await startRelay({ instanceId: "cut-a", natsUrl: `nats://127.0.0.1:${proxy.port}`, args: ARGS });
+  const b = await startRelay({ instanceId: "peer-b", natsUrl: nats.url, args: ARGS });
+  relays.push(a, b);
+  const ca = await TestController.connect(a.wsUrl);
+  const cb = await TestController.connect(b.wsUrl);
+  controllers.push(ca, cb);
+  cb.onFrame((f) => {
+    if (f.type === "deliver") cb.ack(f);
+  });
+  t.equal((await ca.publish("VersionCheckCompleted", { n: 0 }, "before")).type, "published");
+
+  proxy.partition();
+  // No PubAck within 3 s: queued, and the probe that follows finds NATS silent (about 4.5 s in,
+  // before nats.js's own three missed 2 s pings).
+  const answer = await ca.publish("VersionCheckCompleted", { n: 1 }, "queued-1");
+  t.match(answer, { type: "published", queued: true }, "answered queued");
+  await a.waitForLog((l) => l.msg === "bus disconnected" && /PubAck timeout/.test(String(l.reason)), 15_000);
+  proxy.heal();
+
+  const got = await cb.next((f) => f.type === "deliver" && f.id === "queued-1", 30_000).catch(() => undefined);
+  if (!t.ok(got, "the queued message reaches the peer after the heal (the outbox was flushed)"))
+    t.comment(JSON.stringify(a.logs.filter((l) => /bus|NATS|outbox/.test(String(l.msg))).map((l) => [l.msg, l.reason ?? l.err])));
+  t.ok(await a.waitForLog((l) => l.msg === "outbox flushed", 10_000), "a's outbox flushed");
 });

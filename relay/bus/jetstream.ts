@@ -595,7 +595,7 @@ export class JetStreamBus implements Bus {
   /**
    * Is the server still answering? A PING/PONG round trip within PROBE_TIMEOUT_MS. When it is
    * not, the bus reports itself disconnected at once — publishes go to the outbox instead of
-   * each waiting out its PubAck timeout — and keeps probing until the link answers again.
+   * each waiting out its PubAck timeout — and reconnects (the reconnect reports it connected).
    */
   private async probe(): Promise<void> {
     const nc = this.nc;
@@ -618,6 +618,13 @@ export class JetStreamBus implements Bus {
           this.opts.hooks?.connectionStale?.("no PONG to a probe after a PubAck timeout");
           this.failPendingAcks("NATS does not answer");
           this.setStatus({ state: "disconnected", reason: `no answer from NATS within ${PROBE_TIMEOUT_MS} ms after a PubAck timeout (silent partition?)` });
+          // Reconnect, as nats.js does after its missed pings. Probing on over the old connection
+          // never sees the heal: PONGs are matched to PINGs in order, and the PINGs lost in the
+          // partition are never answered, so every later probe waits behind them — the bus stayed
+          // "disconnected" for good and its outbox was never flushed (found by npm run chaos).
+          // A new connection also ends the server's pull requests into the dead one.
+          void nc.reconnect().catch(() => undefined);
+          return;
         }
         await sleep(PROBE_RETRY_MS);
       }
