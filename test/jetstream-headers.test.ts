@@ -77,6 +77,11 @@ t.test("hand-made headers read back exactly as nats.js reads them", async (t) =>
     }
   }
   const ours = msgs.slice(0, ids.length);
+  t.same(
+    msgs.map((m) => readHeaders(m).duplicated),
+    [...ids.map(() => ""), "Uptrakit-Origin", "", ""],
+    "a relay header given twice is reported (the first value still wins, as nats.js's get() has it)",
+  );
   t.same([...new Set(ours.map((m) => m.subject))], ["uptrakit.push.hdr-a.Check"], "published on uptrakit.push.<origin>.<kind>");
   t.same(
     ours.map((m) => decodeURIComponent(readHeaders(m).id)),
