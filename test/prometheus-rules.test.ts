@@ -18,11 +18,6 @@ const RULE_TESTS = path.join(ROOT, "deploy/prometheus/uptrakit-relay-rules.test.
 const K8S_RULE = path.join(ROOT, "deploy/kubernetes/monitoring/prometheus-rule.yaml");
 const DASHBOARD = path.join(ROOT, "deploy/grafana/uptrakit-relay-dashboard.json");
 
-/**
- * EXPECTED FROM ANOTHER BRANCH: metrics the dashboard shows that a branch developed in parallel
- * adds (inbound validation). Until it is merged they may be missing from /metrics; once it is,
- * remove them from this list (the test then requires them like every other).
- */
 function promtool(args: string[]): { code: number | null; out: string } {
   const r = spawnSync("promtool", args, { encoding: "utf8", cwd: path.dirname(RULES) });
   if (r.error) throw new Error(`promtool not found (.ci/run installs Debian's prometheus package): ${r.error.message}`);
