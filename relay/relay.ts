@@ -14,6 +14,8 @@ import type { Logger } from "./log.js";
 import { RelayMetrics } from "./metrics.js";
 import { CLOSE_NORMAL, CLOSE_SUPERSEDED, publishedFrame, readyFrame, type ClientFrame, type FrameError, type PublishFrame } from "./protocol.js";
 import { Publisher } from "./publisher.js";
+import { readiness, type ReadinessReport } from "./readiness.js";
+import { StatusReporter } from "./status.js";
 import { ReplaySource } from "./replay.js";
 import { DAEMON_BUSY_TIMEOUT_MS, RelayStore } from "./store/store.js";
 
@@ -59,6 +61,8 @@ export class Relay {
   constructor(cfg: RelayConfig, logger: Logger) {
     this.cfg = cfg;
     this.log = logger;
+    this.metrics.outboxMax.set(cfg.outboxMax);
+    this.metrics.readinessSource = () => this.readiness();
   }
 
   get state(): RelayState {
@@ -135,6 +139,7 @@ export class Relay {
         hooks: {
           readiness: () => this.readiness(),
           metrics: async () => ({ contentType: this.metrics.registry.contentType, body: await this.metrics.registry.metrics() }),
+          status: () => this.statusReporter().snapshot(),
           sessionOpened: (s) => this.onSessionOpened(s),
           sessionClosed: (s) => this.onSessionClosed(s),
           frame: (s, f) => this.onFrame(s, f),
@@ -177,10 +182,13 @@ export class Relay {
       this.log.error("dead letters of rejected inbound messages still being written at shutdown are left to the bus, which redelivers them");
     if (t && !(await t.waitRecorded(this.cfg.drainTimeoutMs)))
       this.log.error({ recording: t.recordingCount }, "dead letters still being written at shutdown are left to the bus, which redelivers them");
-    await this.server?.close(CLOSE_NORMAL, "relay shutting down");
+    await this.server?.closeSessions(CLOSE_NORMAL, "relay shutting down");
     await this.publisher?.settle();
+    // Shown while the flush runs (probes and /metrics still answer), so a last scrape sees it.
+    this.metrics.outboxUnflushedAtStop.set(this.publisher?.outboxDepth ?? 0);
     const outbox = (await this.publisher?.flushBeforeStop(this.cfg.drainTimeoutMs)) ?? 0;
     this.metrics.outboxUnflushedAtStop.set(outbox);
+    await this.server?.close(CLOSE_NORMAL, "relay shutting down");
     if (outbox > 0)
       this.log.error(
         { outbox, dataDir: this.cfg.dataDir },
@@ -191,11 +199,35 @@ export class Relay {
     this.log.info({ outbox }, "relay stopped");
   }
 
-  readiness(): { ready: boolean; reason?: string } {
-    if (this._state !== "running") return { ready: false, reason: `relay is ${this._state}` };
-    const s = this.bus!.status();
-    if (s.state !== "connected") return { ready: false, reason: `bus ${this.bus!.name} is ${s.state}${s.reason ? `: ${s.reason}` : ""}` };
-    return { ready: true };
+  private reporter: StatusReporter | undefined;
+  /** The status page's data source, made on first use (the store and bus exist by then). */
+  private statusReporter(): StatusReporter {
+    this.reporter ??= new StatusReporter({
+      instanceId: this.cfg.instanceId,
+      stream: this.cfg.stream,
+      busName: this.bus!.name,
+      readinessMode: this.cfg.readiness,
+      bus: () => this.bus!.status(),
+      location: () => this.bus!.location(),
+      readiness: () => this.readiness(),
+      metrics: this.metrics,
+      deadLetters: (limit) => this.store!.deadLetterSummary(limit),
+      peers: () => this.bus!.peers(),
+    });
+    return this.reporter;
+  }
+
+  readiness(): ReadinessReport {
+    if (this._state !== "running") return { ready: false, degraded: false, reason: `relay is ${this._state}` };
+    return readiness({
+      mode: this.cfg.readiness,
+      state: this._state,
+      busName: this.bus!.name,
+      bus: this.bus!.status(),
+      outboxDepth: this.publisher!.outboxDepth,
+      outboxMax: this.cfg.outboxMax,
+      storeProblem: this.publisher!.storeProblem,
+    });
   }
 
   // ---- controller session ----
@@ -276,12 +308,18 @@ export class Relay {
       this.metrics.unavailable.inc();
       return s.sendError({ id: f.id, code: "unavailable", message: "the relay is shutting down" });
     }
+    if (f.traceDropped !== undefined) {
+      this.metrics.traceContextDropped.inc();
+      this.log.warn({ id: f.id, reason: f.traceDropped }, "dropped the publish's trace context; publishing without it");
+    }
     const outcome = await this.publisher!.publish({
       id: f.id,
       kind: f.kind,
       origin: this.cfg.instanceId,
       publishedAt: isoNow(),
       payloadJson: f.payloadJson,
+      traceparent: f.traceparent,
+      tracestate: f.tracestate,
     });
     if (outcome.status === "unavailable" || outcome.status === "refused") {
       (outcome.status === "unavailable" ? this.metrics.unavailable : this.metrics.refused).inc();

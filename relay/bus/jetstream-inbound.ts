@@ -4,6 +4,7 @@ import type { JsMsg } from "@nats-io/jetstream";
 import type { InboundMessage } from "./bus.js";
 import { isUtf8 } from "node:buffer";
 import { ackInfo, decodeHeader, readHeaders } from "./jetstream-wire.js";
+import { validTracestate, validTraceparent } from "../trace-context.js";
 
 export interface Settler {
   cork(): void;
@@ -31,6 +32,8 @@ export class JsInbound implements InboundMessage {
   readonly kind: string;
   readonly origin: string;
   readonly publishedAt: string;
+  readonly traceparent: string | undefined;
+  readonly tracestate: string | undefined;
   readonly attempt: number;
   readonly seq: number;
   /** The ack subject; "" if nats.js did not expose it (then settles go through `legacy`). */
@@ -60,6 +63,9 @@ export class JsInbound implements InboundMessage {
     this.publishedAt = h.publishedAt;
     this.duplicatedHeader = h.duplicated;
     this.subject = m.subject;
+    // Anyone may publish on the subject: only a well-formed context is passed on.
+    this.traceparent = h.traceparent && validTraceparent(h.traceparent) ? h.traceparent : undefined;
+    this.tracestate = this.traceparent && h.tracestate && validTracestate(h.tracestate) ? h.tracestate : undefined;
     this.m = m;
   }
 

@@ -1,4 +1,5 @@
-// The relay's wire format on NATS: its subjects, the five headers every message carries, and the
+// The relay's wire format on NATS: its subjects, the five headers every message carries (and the
+// W3C trace context headers, traceparent and tracestate, when the publish had one), and the
 // JetStream ack subject. nats.js builds and parses headers generically (a Map of arrays, key
 // canonicalisation and value validation per header, one string split per message); both showed in
 // the relay's profile, so the relay encodes and reads its own.
@@ -36,6 +37,9 @@ const HDR_ORIGIN = "Uptrakit-Origin";
 const HDR_ID = "Uptrakit-Id";
 const HDR_KIND = "Uptrakit-Kind";
 const HDR_PUBLISHED_AT = "Uptrakit-Published-At";
+// The W3C names, as OpenTelemetry's propagators use them on NATS: other tools can follow them too.
+const HDR_TRACEPARENT = "traceparent";
+const HDR_TRACESTATE = "tracestate";
 
 const CR_OR_LF = /[\r\n]/;
 
@@ -61,13 +65,19 @@ export function publishHeaders(msg: BusMessage): MsgHdrs {
     h.set(HDR_KIND, msg.kind);
     h.set(HDR_PUBLISHED_AT, msg.publishedAt);
     h.set("Nats-Msg-Id", `${msg.origin}:${id}`);
+    if (msg.traceparent !== undefined) h.set(HDR_TRACEPARENT, msg.traceparent);
+    if (msg.tracestate !== undefined) h.set(HDR_TRACESTATE, msg.tracestate);
     return h;
   }
   // The wire format of MsgHdrsImpl.encode(): values trimmed, as it trims them.
   const origin = msg.origin.trim();
   const text =
     `NATS/1.0\r\n${HDR_ORIGIN}: ${origin}\r\n${HDR_ID}: ${id}\r\n${HDR_KIND}: ${msg.kind.trim()}\r\n` +
-    `${HDR_PUBLISHED_AT}: ${msg.publishedAt.trim()}\r\nNats-Msg-Id: ${origin}:${id}\r\n\r\n`;
+    `${HDR_PUBLISHED_AT}: ${msg.publishedAt.trim()}\r\nNats-Msg-Id: ${origin}:${id}\r\n` +
+    // Validated W3C values: printable ASCII, never CR or LF.
+    (msg.traceparent === undefined ? "" : `${HDR_TRACEPARENT}: ${msg.traceparent.trim()}\r\n`) +
+    (msg.tracestate === undefined ? "" : `${HDR_TRACESTATE}: ${msg.tracestate.trim()}\r\n`) +
+    "\r\n";
   return new EncodedHeaders(Buffer.from(text));
 }
 
@@ -79,6 +89,8 @@ interface RelayHeaders {
   msgId: string;
   /** The first relay header that was given more than once ("" when none was): a forgery sign. */
   duplicated: string;
+  traceparent: string;
+  tracestate: string;
 }
 
 const RELAY_KEYS = [HDR_ORIGIN, HDR_ID, HDR_KIND, HDR_PUBLISHED_AT] as const;
@@ -89,7 +101,7 @@ const RELAY_KEYS = [HDR_ORIGIN, HDR_ID, HDR_KIND, HDR_PUBLISHED_AT] as const;
  * header block when nats.js's message exposes it, else goes through m.headers.
  */
 export function readHeaders(m: JsMsg): RelayHeaders {
-  const out: RelayHeaders = { origin: "", id: "", kind: "", publishedAt: "", msgId: "", duplicated: "" };
+  const out: RelayHeaders = { origin: "", id: "", kind: "", publishedAt: "", msgId: "", duplicated: "", traceparent: "", tracestate: "" };
   const block = rawHeaderBlock(m);
   if (block === undefined) {
     const h = m.headers;
@@ -100,6 +112,8 @@ export function readHeaders(m: JsMsg): RelayHeaders {
       out.publishedAt = h.get(HDR_PUBLISHED_AT);
       out.msgId = h.get("Nats-Msg-Id");
       out.duplicated = RELAY_KEYS.find((k) => h.values(k).length > 1) ?? "";
+      out.traceparent = h.get(HDR_TRACEPARENT);
+      out.tracestate = h.get(HDR_TRACESTATE);
     }
     return out;
   }
@@ -122,11 +136,13 @@ export function readHeaders(m: JsMsg): RelayHeaders {
       else if (key === HDR_KIND) (field = "kind"), (bit = 4);
       else if (key === HDR_PUBLISHED_AT) (field = "publishedAt"), (bit = 8);
       else if (key === "Nats-Msg-Id") (field = "msgId"), (bit = 16);
+      else if (key === HDR_TRACEPARENT) (field = "traceparent"), (bit = 32);
+      else if (key === HDR_TRACESTATE) (field = "tracestate"), (bit = 64);
       if (field !== undefined) {
         if ((seen & bit) === 0) {
           seen |= bit;
           out[field] = text.slice(colon + 1, end).trim();
-        } else if (bit !== 16 && out.duplicated === "") out.duplicated = key;
+        } else if (bit <= 8 && out.duplicated === "") out.duplicated = key; // a relay header twice
       }
     }
     pos = end + 2;
