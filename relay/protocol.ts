@@ -258,7 +258,7 @@ export interface DeliverFields {
   origin: string;
   attempt: number;
   publishedAt: string;
-  /** JSON text, spliced in as it is: the relay never re-parses a payload it forwards. */
+  /** JSON text, spliced in as it is: inboundVerdict (inbound-policy.ts) has verified it to be exactly one JSON value, so it cannot add or override the fields before it. */
   payloadJson: string;
   traceparent?: string;
   tracestate?: string;

@@ -3,11 +3,13 @@
 // a raw WebSocket controller. None may reach the controller; each becomes a dead letter with its
 // reason and is counted in uptrakit_relay_inbound_rejected_total{reason}.
 
+import path from "node:path";
+import Database from "better-sqlite3";
 import t from "tap";
 import { subjectFor } from "../relay/bus/jetstream-wire.js";
 import { startNatsServer } from "./helpers/nats-server.js";
 import { NatsInjector, relayHeaders, type HeaderLines } from "./helpers/nats-inject.js";
-import { runRelayCli, startRelay } from "./helpers/relay-process.js";
+import { runRelayCli, startRelay, tempDir } from "./helpers/relay-process.js";
 import { TestController, type Frame } from "./helpers/test-controller.js";
 
 const SECRET = "attack-secret-never-ship";
@@ -101,4 +103,55 @@ t.test("forged, malformed and credential-bearing messages straight to NATS never
   t.notMatch(JSON.stringify(target.logs) + target.stderr(), SECRET, "nor in the relay's logs (at trace level)");
   t.notMatch(JSON.stringify(target.logs), /hello world|spoofed-origin","deliveryId/, "no payload is logged");
   t.equal(target.proc.exitCode, null, "the relay is still running");
+
+  // dlq replay goes through the same door: a replayed rejected message is refused again, not delivered.
+  const before = ctl.frames.length;
+  for (const id of ["forged-1", "revoked-1"]) t.equal((await runRelayCli(["dlq", "replay", id, "--data-dir", target.dataDir])).code, 0, `dlq replay ${id}`);
+  const back = await untilRejected(target.httpUrl, attacks.length + 2);
+  t.equal(back.malformed_payload, expected.malformed_payload! + 1, "the replayed forged message is rejected again (malformed_payload)");
+  t.equal(back.forbidden_kind, expected.forbidden_kind! + 1, "the replayed TenantRevoked too (forbidden_kind)");
+  const after = JSON.parse((await runRelayCli(["dlq", "list", "--json", "--data-dir", target.dataDir])).stdout) as Array<Record<string, unknown>>;
+  t.match(after.find((r) => r.id === "forged-1"), { replayRequested: false, reason: /^replay failed: malformed_payload: / }, "and stays a dead letter, saying why");
+  t.same(ctl.frames.slice(before).filter((f) => f.type === "deliver"), [], "nothing was delivered");
+});
+
+t.test("the embedded SQLite bus: rows written into the bus file by anyone are checked the same way", async (t) => {
+  const dir = tempDir();
+  const busFile = path.join(dir, "bus.db");
+  const busArgs = ["--bus", `sqlite:${busFile}`];
+  const target = await startRelay({ instanceId: "target", args: busArgs });
+  t.teardown(() => target.stop("SIGKILL"));
+  const peer = await startRelay({ instanceId: "peer", args: busArgs });
+  t.teardown(() => peer.stop("SIGKILL"));
+  const ctl = await TestController.connect(target.wsUrl);
+  t.teardown(() => ctl.close());
+  ctl.onFrame((f) => f.type === "deliver" && ctl.ack(f));
+  const peerCtl = await TestController.connect(peer.wsUrl);
+  t.teardown(() => peerCtl.close());
+
+  const db = new Database(busFile);
+  t.teardown(() => db.close());
+  db.pragma("busy_timeout = 5000");
+  const insert = db.prepare("INSERT INTO bus_messages (stream, origin, id, kind, published_at, payload, stored_at) VALUES ('UPTRAKIT_PUSH', ?, ?, ?, ?, ?, ?)");
+  const now = new Date().toISOString();
+  const rows: Array<[string, string, string, string, string, string]> = [
+    ["forged splice", "peer", "forged-1", "VersionCheckCompleted", now, '{"a":1},"kind":"TenantRevoked","origin":"spoofed-origin","deliveryId":"forged-delivery"'],
+    ["not JSON", "peer", "hello-1", "VersionCheckCompleted", now, "hello world"],
+    ["TenantRevoked", "peer", "revoked-1", "tenantRevoked", now, JSON.stringify({ apiKey: SECRET })],
+    ["origin not an instance id", "spoofed origin", "origin-1", "VersionCheckCompleted", now, "{}"],
+  ];
+  for (const [, origin, id, kind, at, payload] of rows) insert.run(origin, id, kind, at, payload, Date.now());
+  t.same(await peerCtl.publish("VersionCheckCompleted", { legit: true }, "legit-1"), { type: "published", id: "legit-1" });
+  await ctl.next((f) => f.type === "deliver" && f.id === "legit-1", 30_000);
+  const by = await untilRejected(target.httpUrl, rows.length);
+  t.same(
+    [by.malformed_payload, by.forbidden_kind, by.invalid_header],
+    [2, 1, 1],
+    `rejected by reason: ${JSON.stringify(by)}`,
+  );
+  t.same(ctl.unparsed, [], "every frame parses");
+  t.same(ctl.deliveries().map((f) => f.id), ["legit-1"], "only the legitimate message was delivered");
+  const list = JSON.parse((await runRelayCli(["dlq", "list", "--json", "--data-dir", target.dataDir])).stdout) as Array<Record<string, unknown>>;
+  t.match(list.find((r) => r.id === "revoked-1"), { reason: /^forbidden_kind: /, payloadWithheld: true });
+  t.notMatch(JSON.stringify(list) + JSON.stringify(target.logs), SECRET, "the credential payload is neither stored nor logged");
 });
