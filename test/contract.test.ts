@@ -15,7 +15,7 @@ import {
 } from "../relay/protocol.js";
 import { KIND_PATTERN } from "../relay/kinds.js";
 import { TRACEPARENT_MAX, TRACEPARENT_PATTERN, TRACESTATE_MAX, TRACESTATE_PATTERN } from "../relay/trace-context.js";
-import { ASYNCAPI_FILE, asyncapi, checkSentFrame, clientFrameProblem, relayFrameProblem, validatorFor } from "./helpers/frame-schemas.js";
+import { ASYNCAPI_FILE, ContractViolation, asyncapi, checkReceivedFrame, checkSentFrame, clientFrameProblem, relayFrameProblem, validatorFor } from "./helpers/frame-schemas.js";
 
 const schemas = asyncapi.components.schemas;
 const sorted = (xs: Iterable<string>): string[] => [...xs].sort();
@@ -129,5 +129,10 @@ t.test("every frame the relay builds matches the document", async (tt) => {
     { numRuns: 500 },
   );
   tt.pass("all frames valid");
+  // The checks the tests' frames go through do fail: a field, type or code the document lacks.
+  const deliver = JSON.parse(deliverFrame({ deliveryId: "d", id: "i", kind: "K", origin: "o", attempt: 1, publishedAt: new Date().toISOString(), payloadJson: "1" })) as Record<string, unknown>;
+  tt.throws(() => checkReceivedFrame(JSON.stringify({ ...deliver, priority: 1 })), ContractViolation, "a deliver field the document does not list");
+  tt.throws(() => checkReceivedFrame(JSON.stringify({ type: "error", code: "teapot", message: "x" })), ContractViolation, "an error code the document does not list");
+  tt.throws(() => checkReceivedFrame(JSON.stringify({ type: "hello" })), ContractViolation, "a frame type the document does not list");
   tt.match(clientFrameProblem({ type: "deliver" }), /no such frame type/, "a relay frame is not a controller frame");
 });
