@@ -8,6 +8,8 @@ export type Frame = Record<string, any>; // eslint-disable-line @typescript-esli
 
 export class TestController {
   readonly frames: Frame[] = [];
+  /** Frames that were not JSON (a relay must never send one): kept, not thrown in the socket's handler. */
+  readonly unparsed: string[] = [];
   ready!: Frame;
   closeCode: number | undefined;
   closeReason: string | undefined;
@@ -21,8 +23,14 @@ export class TestController {
     this.ws = ws;
     ws.on("message", (data, isBinary) => {
       const text = isBinary ? "{}" : data.toString();
+      let f: Frame;
+      try {
+        f = JSON.parse(text) as Frame;
+      } catch {
+        this.unparsed.push(text);
+        return;
+      }
       if (!isBinary) checkReceivedFrame(text); // docs/asyncapi.yaml: throws on drift
-      const f = JSON.parse(text) as Frame;
       this.frames.push(f);
       const idx = this.frames.length - 1;
       for (const l of this.listeners) l(f);
