@@ -15,6 +15,7 @@ import { backoffMs, systemClock, type Clock, type TimerHandle } from "./clock.js
 import type { Logger } from "./log.js";
 import type { RelayMetrics } from "./metrics.js";
 import { deliverFrame } from "./protocol.js";
+import type { ProcessSpan, RelayTracing } from "./trace-loader.js";
 
 /** A kind of source messages arrive from, and how its dead letters are kept. */
 export interface ArrivalSource {
@@ -36,6 +37,8 @@ export interface DeliveryOptions {
   metrics: RelayMetrics;
   logger: Logger;
   clock?: Clock;
+  /** Present only when spans are exported. */
+  tracing?: RelayTracing;
 }
 
 export type SettleResult = "ok" | "unknown_delivery";
@@ -48,6 +51,8 @@ interface Entry {
   deliveryId: string;
   /** clock.now() at which the ack wait runs out (in flight only). */
   deadline: number;
+  /** The process span of the current attempt, with tracing on. */
+  span?: ProcessSpan;
 }
 
 /** Later arrivals of the same message while its dead letter is being written: settled with it. */
@@ -127,7 +132,10 @@ export class DeliveryMachine {
    */
   detach(): void {
     this.send = undefined;
-    for (const e of this.inFlight.values()) this.parked.set(e.msg.seq, e);
+    for (const e of this.inFlight.values()) {
+      endSpan(e, "handed_back");
+      this.parked.set(e.msg.seq, e);
+    }
     this.inFlight.clear();
     this.bySeq.clear();
     this.stopSweep();
@@ -183,6 +191,7 @@ export class DeliveryMachine {
   ack(deliveryId: string): SettleResult {
     const e = this.take(deliveryId);
     if (!e) return "unknown_delivery";
+    endSpan(e, "ack");
     e.msg.ack();
     this.o.metrics.acked.inc();
     return "ok";
@@ -191,6 +200,7 @@ export class DeliveryMachine {
   nack(deliveryId: string, delayMs?: number): SettleResult {
     const e = this.take(deliveryId);
     if (!e) return "unknown_delivery";
+    endSpan(e, "nack");
     this.o.metrics.nacked.inc();
     this.fail(e, "nacked by the controller", delayMs ?? this.o.nackDelayMs);
     return "ok";
@@ -211,6 +221,7 @@ export class DeliveryMachine {
   reject(deliveryId: string, reason: string | undefined): SettleResult {
     const e = this.take(deliveryId);
     if (!e) return "unknown_delivery";
+    endSpan(e, "reject");
     this.o.metrics.rejected.inc();
     this.deadLetter(e, `rejected by the controller${reason ? `: ${reason}` : ""}`);
     return "ok";
@@ -243,7 +254,10 @@ export class DeliveryMachine {
     this.redeliveries.clear();
     this.stopSweep();
     this.armKeepAlive();
-    for (const e of held) if (e.source.redelivers) e.msg.nak(delayMs);
+    for (const e of held) {
+      endSpan(e, "handed_back");
+      if (e.source.redelivers) e.msg.nak(delayMs);
+    }
     this.gaugeInFlight();
     this.notifyIdle();
     return held.length;
@@ -274,6 +288,11 @@ export class DeliveryMachine {
       if (!Number.isNaN(sent)) m.deliveryLatency.observe(Math.max(0, Date.now() - sent) / 1000);
     }
     const msg = e.msg;
+    let traceparent = msg.traceparent;
+    if (this.o.tracing) {
+      e.span = this.o.tracing.process(msg, e.attempt);
+      traceparent = e.span.traceparent; // the controller's handler runs inside the process span
+    }
     this.send!(
       deliverFrame({
         deliveryId: e.deliveryId,
@@ -283,7 +302,7 @@ export class DeliveryMachine {
         attempt: e.attempt,
         publishedAt: msg.publishedAt,
         payloadJson: msg.payloadJson,
-        traceparent: msg.traceparent,
+        traceparent,
         tracestate: msg.tracestate,
       }),
     );
@@ -317,6 +336,7 @@ export class DeliveryMachine {
   }
 
   private onAckWaitExpired(e: Entry): void {
+    endSpan(e, "timeout");
     this.o.metrics.ackTimeouts.inc();
     // A source that redelivers runs the same ack-wait clock; only its last attempt needs us.
     if (e.attempt >= this.o.maxDeliver) this.deadLetter(e, `not acked within ${this.o.ackWaitMs} ms`);
@@ -449,4 +469,10 @@ export class DeliveryMachine {
   private notifyRecorded(): void {
     if (this.recording.size === 0) for (const w of this.recordedWaiters.splice(0)) w();
   }
+}
+
+function endSpan(e: Entry, outcome: Parameters<ProcessSpan["end"]>[0]): void {
+  if (e.span === undefined) return;
+  e.span.end(outcome);
+  e.span = undefined;
 }

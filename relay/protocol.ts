@@ -1,5 +1,6 @@
 // The wire contract between a controller and its relay: JSON text frames on ws://<listen>/ws.
-// This module is the single source of truth for it; docs/protocol.md describes the same frames.
+// This module is the single source of truth for it; docs/protocol.md describes the same frames and
+// docs/asyncapi.yaml is the machine-readable contract (test/contract.test.ts keeps them in step).
 
 import { kindProblem } from "./kinds.js";
 import { parseTraceContext } from "./trace-context.js";

@@ -17,6 +17,7 @@ import { Publisher } from "./publisher.js";
 import { readiness, type ReadinessReport } from "./readiness.js";
 import { StatusReporter } from "./status.js";
 import { ReplaySource } from "./replay.js";
+import { loadTracing, type RelayTracing } from "./trace-loader.js";
 import { DAEMON_BUSY_TIMEOUT_MS, RelayStore } from "./store/store.js";
 
 export type RelayState = "new" | "starting" | "running" | "closing" | "closed";
@@ -44,6 +45,8 @@ export class Relay {
   private server: LocalServer | undefined;
   private publisher: Publisher | undefined;
   private tracker: DeliveryMachine | undefined;
+  /** Span export, only when OTLP is configured (see trace-loader.ts). */
+  private tracing: RelayTracing | undefined;
   /** Messages from the bus: it redelivers by itself; their dead letters are new rows in the store. */
   private readonly busSource: ArrivalSource = {
     name: "bus",
@@ -100,6 +103,7 @@ export class Relay {
         },
       });
       await this.bus.start();
+      this.tracing = await loadTracing({ instanceId: this.cfg.instanceId, bus: this.bus.name, logger: this.log });
       this.publisher = new Publisher({ bus: this.bus, store: this.store, outboxMax: this.cfg.outboxMax, metrics: this.metrics, logger: this.log });
       this.tracker = new DeliveryMachine({
         maxDeliver: this.cfg.maxDeliver,
@@ -107,6 +111,7 @@ export class Relay {
         nackDelayMs: this.cfg.nackDelayMs,
         metrics: this.metrics,
         logger: this.log,
+        tracing: this.tracing,
       });
       this.gate = new InboundGate({
         instanceId: this.cfg.instanceId,
@@ -312,15 +317,12 @@ export class Relay {
       this.metrics.traceContextDropped.inc();
       this.log.warn({ id: f.id, reason: f.traceDropped }, "dropped the publish's trace context; publishing without it");
     }
-    const outcome = await this.publisher!.publish({
-      id: f.id,
-      kind: f.kind,
-      origin: this.cfg.instanceId,
-      publishedAt: isoNow(),
-      payloadJson: f.payloadJson,
-      traceparent: f.traceparent,
-      tracestate: f.tracestate,
-    });
+    const msg = { id: f.id, kind: f.kind, origin: this.cfg.instanceId, publishedAt: isoNow(), payloadJson: f.payloadJson, traceparent: f.traceparent, tracestate: f.tracestate };
+    // With tracing, the message carries the publish span's context (a child of the controller's).
+    const span = this.tracing?.publish(msg);
+    if (span) (msg.traceparent = span.traceparent), (msg.tracestate = span.tracestate);
+    const outcome = await this.publisher!.publish(msg);
+    span?.end(outcome.status);
     if (outcome.status === "unavailable" || outcome.status === "refused") {
       (outcome.status === "unavailable" ? this.metrics.unavailable : this.metrics.refused).inc();
       s.sendError({ id: f.id, code: outcome.status, message: outcome.reason });
@@ -352,6 +354,7 @@ export class Relay {
   }
 
   private onBusMessage(m: InboundMessage): void {
+    if (this.tracing && m.origin !== this.cfg.instanceId) this.tracing.receive(m);
     this.admit(m, this.busSource);
   }
 
@@ -383,5 +386,6 @@ export class Relay {
       this.log.warn({ err }, "closing the bus failed");
     }
     this.store?.close();
+    await this.tracing?.shutdown();
   }
 }

@@ -22,6 +22,8 @@
 //   --backlog <n>    <n> messages backlogged for a slow controller: the relays' peak RSS
 //   --alt n=main.js  also measure another relay build (A/B: e.g. before/after an optimisation); sqlite:n=main.js on the embedded bus
 //   --profile <dir>  relays under node --cpu-prof (see scripts/cpuprofile-top.ts)
+//   --tracing        the relays export spans over OTLP/HTTP to a sink this process runs (the cost
+//                    of tracing; without it the relays get no OTEL_* variable and load no tracing code)
 // Diagnostics: BENCH_DUMP_LATENCY=<dir> keeps every latency sample; BENCH_RELAY_LOG_DIR=<dir>
 // keeps the relays' output; BENCH_CONTROLLER_NODE_ARGS adds node flags to the controllers.
 //
@@ -38,6 +40,7 @@ import { connect, nanos, type NatsConnection } from "@nats-io/transport-node";
 import { AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import { startNatsServer, type NatsServer } from "./lib/nats-server.js";
 import { forkChild, machineInfo, procStats, startRelay, tempDir, type Child, type RelayProc } from "./lib/procs.js";
+import { startOtlpSink, type OtlpSink } from "./lib/otlp-sink.js";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CONTROLLER = path.join(here, "bench-controller.js");
@@ -88,6 +91,7 @@ const program = new Command("bench")
   .option("--quick", "small counts, one round, short duration (< 30 s)")
   .option("--relay-args <args>", "extra arguments for every relay (space-separated), e.g. \"--max-in-flight 512\"")
   .option("--profile <dir>", "run the relays under node --cpu-prof, profiles written to <dir>")
+  .option("--tracing", "relays export spans over OTLP/HTTP to a local sink (measures the cost of tracing)")
   .option("--relay-node-args <args>", "extra node flags for every relay (space-separated), e.g. \"--heap-prof\"")
   .option("--idle <s>", "instead: first-message latency after <s> seconds of silence", num(0))
   .option("--idle-samples <n>", "idle periods to measure (--idle)", int(1), 1)
@@ -117,6 +121,7 @@ interface Options {
   slowRate: number;
   hold: number;
   alt?: string[];
+  tracing?: boolean;
 }
 const o = program.opts<Options>();
 const quick = o.quick === true;
@@ -149,6 +154,10 @@ const relayNodeArgs = [
   ...(o.relayNodeArgs ? o.relayNodeArgs.split(/\s+/).filter(Boolean) : []),
 ];
 if (o.profile) fs.mkdirSync(path.resolve(o.profile), { recursive: true });
+
+/** --tracing: the OTLP sink the relays export to. */
+let sink: OtlpSink | undefined;
+const tracingEnv = (): Record<string, string> | undefined => (sink ? { OTEL_EXPORTER_OTLP_ENDPOINT: sink.url, OTEL_SERVICE_NAME: "uptrakit-relay-bench" } : undefined);
 
 const log = (s: string): void => void process.stderr.write(`${s}\n`);
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -240,7 +249,7 @@ async function startRig(name: PathName, nats: NatsServer, jsm: JetStreamManager,
       }
       const started = await Promise.allSettled(
         ["a", "b"].map((x) =>
-          startRelay({ instanceId: `bench-${tag}-${x}`, ...bus, args: settings.relayArgs, nodeArgs: relayNodeArgs, main: altMains.get(name) }),
+          startRelay({ instanceId: `bench-${tag}-${x}`, ...bus, args: settings.relayArgs, nodeArgs: relayNodeArgs, main: altMains.get(name), env: tracingEnv() }),
         ),
       );
       for (const s of started) if (s.status === "fulfilled") relays.push(s.value);
@@ -525,6 +534,10 @@ async function main(): Promise<void> {
   const started = Date.now();
   const machine = machineInfo();
   log(`machine: ${machine.nproc} cores (${machine.cpu}), node ${machine.node}, ${machine.natsServer}`);
+  if (o.tracing) {
+    sink = await startOtlpSink();
+    log(`tracing on: relays export spans to ${sink.url}`);
+  }
   const nats = await startNatsServer({ storePrefix: "uptrakit-bench-nats-" });
   let nc: NatsConnection | undefined;
   let result: Record<string, unknown>;
@@ -538,7 +551,12 @@ async function main(): Promise<void> {
     await nc?.close().catch(() => undefined);
     await nats.stop();
   }
-  const doc = { ...result, machine, settings: { ...settings, quick }, seconds: round2((Date.now() - started) / 1000, 1) };
+  const tracing = sink ? { tracing: sink.stats() } : {};
+  if (sink) {
+    await sink.close();
+    process.stdout.write(`tracing: ${tracing.tracing!.spans} spans exported in ${tracing.tracing!.requests} OTLP requests (${round2(tracing.tracing!.bytes / 1e6, 1)} MB)\n`);
+  }
+  const doc = { ...result, ...tracing, machine, settings: { ...settings, quick, tracing: o.tracing === true }, seconds: round2((Date.now() - started) / 1000, 1) };
   if (o.json) fs.writeFileSync(o.json, JSON.stringify(doc, null, 2) + "\n");
   log(`done in ${((Date.now() - started) / 1000).toFixed(1)} s`);
 }

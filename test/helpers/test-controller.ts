@@ -2,6 +2,7 @@
 // resolve on the frame itself (no sleeps).
 
 import { WebSocket } from "ws";
+import { checkReceivedFrame, checkSentFrame } from "./frame-schemas.js";
 
 export type Frame = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
 
@@ -21,13 +22,15 @@ export class TestController {
   private constructor(ws: WebSocket) {
     this.ws = ws;
     ws.on("message", (data, isBinary) => {
+      const text = isBinary ? "{}" : data.toString();
       let f: Frame;
       try {
-        f = JSON.parse(isBinary ? "{}" : data.toString()) as Frame;
+        f = JSON.parse(text) as Frame;
       } catch {
-        this.unparsed.push(data.toString());
+        this.unparsed.push(text);
         return;
       }
+      if (!isBinary) checkReceivedFrame(text); // docs/asyncapi.yaml: throws on drift
       this.frames.push(f);
       const idx = this.frames.length - 1;
       for (const l of this.listeners) l(f);
@@ -97,6 +100,7 @@ export class TestController {
   }
 
   send(frame: Frame | string | Buffer, binary = false): void {
+    if (!binary) checkSentFrame(typeof frame === "string" ? frame : Buffer.isBuffer(frame) ? frame.toString("utf8") : JSON.stringify(frame));
     this.ws.send(typeof frame === "string" || Buffer.isBuffer(frame) ? frame : JSON.stringify(frame), { binary });
   }
 
