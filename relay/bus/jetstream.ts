@@ -86,6 +86,16 @@ const PROBE_RETRY_MS = 2_000;
 const DUPLICATE_WINDOW_MS = 2 * 60_000;
 /** Bounded pull batch: the consumer's max_ack_pending is the real in-flight limit. */
 const MAX_PULL_BATCH = 1_000;
+/**
+ * A pull request lives at most one ack wait (nats.js: 1 s to its default 30 s). The server
+ * redelivers into pending pull requests, and through a silent partition those are a dead
+ * connection: with a pull outliving several ack waits, every redelivery went into the void and
+ * counted against max_deliver until the server gave up — messages lost without an arrival to
+ * dead-letter (found by npm run chaos). A pull no longer than the ack wait takes at most one.
+ */
+export function pullExpiresMs(ackWaitMs: number): number {
+  return Math.max(1_000, Math.min(30_000, ackWaitMs));
+}
 /** consume() re-pulls on its own after missed heartbeats; restart it when that keeps failing. */
 const HEARTBEATS_MISSED_RESTART = 4;
 /** After "consumer deleted", give the server a moment to finish the delete before recreating. */
@@ -729,7 +739,7 @@ export class JetStreamBus implements Bus {
     try {
       const consumer = await this.js!.consumers.get(this.opts.stream, this.opts.instanceId);
       // consume() keeps a pull pending, so a message after long silence arrives at once.
-      return await consumer.consume({ max_messages: Math.min(this.opts.maxInFlight, MAX_PULL_BATCH) });
+      return await consumer.consume({ max_messages: Math.min(this.opts.maxInFlight, MAX_PULL_BATCH), expires: pullExpiresMs(this.opts.ackWaitMs) });
     } catch (err) {
       if (isConsumerNotFound(err) || isStreamNotFound(err)) {
         this.log.warn({ consumer: this.opts.instanceId }, "consumer is gone; recreating it");

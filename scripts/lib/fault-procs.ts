@@ -20,8 +20,19 @@ function waitExit(p: ChildProcess): Promise<void> {
 
 export interface RestartableRelayOptions {
   instanceId: string;
-  natsUrls: string[];
+  /** JetStream URLs; without them the relay runs on the SQLite bus at busFile. */
+  natsUrls?: string[];
+  /** The shared SQLite bus file (`--bus sqlite:<file>`), when natsUrls is not given. */
+  busFile?: string;
   args?: string[];
+  /** Prefix of the data dir's temp name (default "uptrakit-soak-<id>-"). */
+  dirPrefix?: string;
+  /** Every JSON log line of the relay, as it comes. */
+  onLogLine?: (line: Record<string, unknown>) => void;
+  /** Another build of the relay (e.g. an older commit's dist/relay/main.js); default this tree's. */
+  main?: string;
+  /** Every exit of a relay that had reported "relay running" (not of failed starts). */
+  onExit?: (exit: { code: number | null; signal: NodeJS.Signals | null }) => void;
 }
 
 function cleanEnv(): NodeJS.ProcessEnv {
@@ -40,7 +51,7 @@ export class RestartableRelay {
 
   private constructor(private readonly o: RestartableRelayOptions) {
     this.instanceId = o.instanceId;
-    this.dataDir = tempDir(`uptrakit-soak-${o.instanceId}-`);
+    this.dataDir = tempDir(o.dirPrefix ?? `uptrakit-soak-${o.instanceId}-`);
   }
 
   static async start(o: RestartableRelayOptions): Promise<RestartableRelay> {
@@ -67,9 +78,10 @@ export class RestartableRelay {
   }
 
   private async launch(): Promise<void> {
+    const bus = this.o.natsUrls ? ["--nats-url", this.o.natsUrls.join(",")] : ["--bus", `sqlite:${this.o.busFile}`];
     const args = [
-      RELAY_MAIN, "run", "--instance-id", this.instanceId, "--data-dir", this.dataDir, "--listen", `127.0.0.1:${this.port}`,
-      "--nats-url", this.o.natsUrls.join(","), ...(this.o.args ?? []),
+      this.o.main ?? RELAY_MAIN, "run", "--instance-id", this.instanceId, "--data-dir", this.dataDir, "--listen", `127.0.0.1:${this.port}`,
+      ...bus, ...(this.o.args ?? []),
     ];
     const child = spawn(process.execPath, args, { env: cleanEnv(), stdio: ["ignore", "pipe", "pipe"] });
     this.child = child;
@@ -77,8 +89,22 @@ export class RestartableRelay {
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`relay ${this.instanceId}: not running within ${READY_TIMEOUT_MS} ms\n${this.tail}`)), READY_TIMEOUT_MS);
       let running = false;
+      let buf = "";
       child.stdout!.setEncoding("utf8").on("data", (chunk: string) => {
         this.tail = (this.tail + chunk).slice(-TAIL_CHARS);
+        if (this.o.onLogLine) {
+          buf += chunk;
+          let nl: number;
+          while ((nl = buf.indexOf("\n")) >= 0) {
+            const line = buf.slice(0, nl);
+            buf = buf.slice(nl + 1);
+            try {
+              this.o.onLogLine(JSON.parse(line) as Record<string, unknown>);
+            } catch {
+              // not a JSON line
+            }
+          }
+        }
         if (!running && this.tail.includes('"msg":"relay running"')) {
           running = true;
           clearTimeout(timer);
@@ -88,6 +114,7 @@ export class RestartableRelay {
       child.stderr!.setEncoding("utf8").on("data", (chunk: string) => (this.tail = (this.tail + chunk).slice(-TAIL_CHARS)));
       child.once("exit", (code, signal) => {
         clearTimeout(timer);
+        if (running) this.o.onExit?.({ code, signal });
         if (!running) reject(new Error(`relay ${this.instanceId} exited (code ${code}, signal ${signal})\n${this.tail}`));
       });
     });
@@ -104,6 +131,26 @@ export class RestartableRelay {
   async restart(): Promise<void> {
     await this.kill("SIGKILL");
     await this.launch();
+  }
+
+  /** Sends `signal` and waits for the exit, keeping the data dir; resolves with how it ended (null: was not running). */
+  async shutdown(signal: NodeJS.Signals = "SIGTERM", forceAfterMs = 20_000): Promise<{ code: number | null; signal: NodeJS.Signals | null } | null> {
+    const c = this.child;
+    if (!c || c.exitCode !== null || c.signalCode !== null) return null;
+    c.kill(signal);
+    const force = setTimeout(() => c.kill("SIGKILL"), forceAfterMs);
+    await waitExit(c);
+    clearTimeout(force);
+    return { code: c.exitCode, signal: c.signalCode };
+  }
+
+  /** Starts the relay again if it is not running (same instance id, data dir and port). */
+  async ensureRunning(): Promise<void> {
+    if (this.pid === undefined) await this.launch();
+  }
+
+  removeDataDir(): void {
+    fs.rmSync(this.dataDir, { recursive: true, force: true });
   }
 
   /** SIGTERM (drain); resolves with the exit code and removes the data dir. */

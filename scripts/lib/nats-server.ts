@@ -34,6 +34,8 @@ export interface NatsServerOptions {
 export interface NatsClusterOptions {
   /** Name prefix of the nodes' temp store directories (default "uptrakit-nats-"; a node adds "n1-"...). */
   storePrefix?: string;
+  /** Extra arguments for every node, e.g. ["--no_advertise"] so clients keep to the URLs they were given. */
+  args?: string[];
 }
 
 export interface NatsServer {
@@ -314,7 +316,7 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
 export async function startNatsCluster(n = 3, opts: NatsClusterOptions = {}): Promise<NatsCluster> {
   for (let attempt = 1; ; attempt++) {
     try {
-      return await launchCluster(n, opts.storePrefix ?? "uptrakit-nats-");
+      return await launchCluster(n, opts.storePrefix ?? "uptrakit-nats-", opts.args ?? []);
     } catch (err) {
       // One of the free ports was taken meanwhile: start over on new ones.
       if (!addressInUse(err) || attempt >= 5) throw err;
@@ -322,7 +324,7 @@ export async function startNatsCluster(n = 3, opts: NatsClusterOptions = {}): Pr
   }
 }
 
-async function launchCluster(n: number, storePrefix: string): Promise<NatsCluster> {
+async function launchCluster(n: number, storePrefix: string, extraArgs: string[]): Promise<NatsCluster> {
   const clusterName = `c${process.pid}${Math.floor(Math.random() * 1e6)}`;
   const specs = [];
   for (let i = 1; i <= n; i++) {
@@ -339,7 +341,7 @@ async function launchCluster(n: number, storePrefix: string): Promise<NatsCluste
     const args = [
       "-a", "127.0.0.1", "-js", "-sd", s.storeDir, "-p", String(s.port), "-m", String(s.monitorPort),
       "--cluster_name", clusterName, "--server_name", s.name,
-      "--cluster", `nats://127.0.0.1:${s.routePort}`, "--routes", routes,
+      "--cluster", `nats://127.0.0.1:${s.routePort}`, "--routes", routes, ...extraArgs,
     ];
     const proc = new ServerProcess(s.port, s.monitorPort, s.storeDir, true, () => args);
     return Object.assign(proc, { name: s.name, routePort: s.routePort });
