@@ -22,6 +22,8 @@
 //   --backlog <n>    <n> messages backlogged for a slow controller: the relays' peak RSS
 //   --alt n=main.js  also measure another relay build (A/B: e.g. before/after an optimisation)
 //   --profile <dir>  relays under node --cpu-prof (see scripts/cpuprofile-top.ts)
+//   --fanout <K>     K relays on one stream, everyone publishing (--rate each) and receiving
+//                    everyone else's, against K direct nats.js peers (scripts/lib/fanout.ts)
 // Diagnostics: BENCH_DUMP_LATENCY=<dir> keeps every latency sample; BENCH_RELAY_LOG_DIR=<dir>
 // keeps the relays' output; BENCH_CONTROLLER_NODE_ARGS adds node flags to the controllers.
 //
@@ -29,6 +31,7 @@
 //   npm run bench -- --rounds 5 --count 100000
 //   npm run bench -- --idle 60 --idle-samples 3
 //   npm run bench -- --backlog 100000
+//   npm run bench -- --fanout 4 --rounds 3
 
 import fs from "node:fs";
 import path from "node:path";
@@ -37,6 +40,7 @@ import { Command, InvalidArgumentError } from "commander";
 import { connect, nanos, type NatsConnection } from "@nats-io/transport-node";
 import { AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import { startNatsServer, type NatsServer } from "./lib/nats-server.js";
+import { benchFanout, defaultFanoutRate } from "./lib/fanout.js";
 import { forkChild, machineInfo, procStats, startRelay, tempDir, type Child, type RelayProc } from "./lib/procs.js";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -93,6 +97,7 @@ const program = new Command("bench")
   .option("--idle-samples <n>", "idle periods to measure (--idle)", int(1), 1)
   .option("--backlog <n>", "instead: backlog <n> messages for a slow controller and report relay RSS", int(1))
   .option("--alt <name=main.js>", "also measure another relay build on JetStream, as path relay@<name> (repeatable)", (v: string, prev: string[] = []) => [...prev, v])
+  .option("--fanout <K>", "instead: K relays on one stream, all publishing at --rate each (default 200/100/50 msg/s for K = 2/4/8) and receiving each other's, against K direct peers", int(2))
   .option("--slow-rate <msg/s>", "how fast the slow controller settles (--backlog)", num(1), 500)
   .option("--hold <s>", "how long the slow controller keeps the backlog before draining (--backlog)", num(0), 10)
   .parse();
@@ -117,6 +122,7 @@ interface Options {
   slowRate: number;
   hold: number;
   alt?: string[];
+  fanout?: number;
 }
 const o = program.opts<Options>();
 const quick = o.quick === true;
@@ -518,6 +524,26 @@ async function benchBacklog(nats: NatsServer, jsm: JetStreamManager, n: number):
   return { backlog: out };
 }
 
+// ---- fan-out (scripts/lib/fanout.ts) ----------------------------------------------------------------
+
+function fanoutOptions(k: number): Parameters<typeof benchFanout>[2] {
+  const paths = settings.paths.filter((p) => p !== "sqlite");
+  return {
+    k,
+    // --rate is per controller here; its default (1000, for the latency run) does not apply.
+    rate: program.getOptionValueSource("rate") === "default" ? defaultFanoutRate(k) : settings.rate,
+    durationS: settings.durationS,
+    warmupS: quick ? 0.5 : 1,
+    size: settings.size,
+    rounds: settings.rounds,
+    paths,
+    altMains,
+    relayArgs: settings.relayArgs,
+    relayNodeArgs,
+    log,
+  };
+}
+
 // ---- main -------------------------------------------------------------------------------------------
 
 async function main(): Promise<void> {
@@ -532,6 +558,7 @@ async function main(): Promise<void> {
     const jsm = await jetstreamManager(nc);
     if (o.idle !== undefined) result = await benchIdle(nats, jsm, o.idle);
     else if (o.backlog !== undefined) result = await benchBacklog(nats, jsm, o.backlog);
+    else if (o.fanout !== undefined) result = await benchFanout(nats, jsm, fanoutOptions(o.fanout));
     else result = await benchMain(nats, jsm);
   } finally {
     await nc?.close().catch(() => undefined);
