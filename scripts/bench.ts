@@ -20,7 +20,7 @@
 // Other modes:
 //   --idle <s>       first-message latency after <s> seconds of silence (every path)
 //   --backlog <n>    <n> messages backlogged for a slow controller: the relays' peak RSS
-//   --alt n=main.js  also measure another relay build (A/B: e.g. before/after an optimisation)
+//   --alt n=main.js  also measure another relay build (A/B: e.g. before/after an optimisation); sqlite:n=main.js on the embedded bus
 //   --profile <dir>  relays under node --cpu-prof (see scripts/cpuprofile-top.ts)
 //   --fanout <K>     K relays on one stream, everyone publishing (--rate each) and receiving
 //                    everyone else's, against K direct nats.js peers (scripts/lib/fanout.ts)
@@ -46,7 +46,7 @@ import { forkChild, machineInfo, procStats, startRelay, tempDir, type Child, typ
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CONTROLLER = path.join(here, "bench-controller.js");
 
-/** direct, relay, sqlite, or relay@<name> for a relay build given with --alt (JetStream). */
+/** direct, relay, sqlite, or relay@<name> / sqlite@<name> for a relay build given with --alt. */
 type PathName = string;
 const ALL_PATHS: PathName[] = ["direct", "relay", "sqlite"];
 
@@ -96,7 +96,7 @@ const program = new Command("bench")
   .option("--idle <s>", "instead: first-message latency after <s> seconds of silence", num(0))
   .option("--idle-samples <n>", "idle periods to measure (--idle)", int(1), 1)
   .option("--backlog <n>", "instead: backlog <n> messages for a slow controller and report relay RSS", int(1))
-  .option("--alt <name=main.js>", "also measure another relay build on JetStream, as path relay@<name> (repeatable)", (v: string, prev: string[] = []) => [...prev, v])
+  .option("--alt <name=main.js>", "also measure another relay build on JetStream, as path relay@<name>; sqlite:<name>=main.js on the embedded bus, as sqlite@<name> (repeatable)", (v: string, prev: string[] = []) => [...prev, v])
   .option("--fanout <K>", "instead: K relays on one stream, all publishing at --rate each (default 200/100/50 msg/s for K = 2/4/8) and receiving each other's, against K direct peers", int(2))
   .option("--slow-rate <msg/s>", "how fast the slow controller settles (--backlog)", num(1), 500)
   .option("--hold <s>", "how long the slow controller keeps the backlog before draining (--backlog)", num(0), 10)
@@ -141,12 +141,13 @@ for (const p of settings.paths) if (!ALL_PATHS.includes(p)) program.error(`unkno
 /** relay@<name> → the main.js of that relay build. */
 const altMains = new Map<string, string>();
 for (const a of o.alt ?? []) {
-  const m = /^([\w.-]+)=(.+)$/.exec(a);
+  const m = /^(?:(sqlite):)?([\w.-]+)=(.+)$/.exec(a);
   if (!m) {
-    program.error(`--alt wants name=path/to/relay/main.js, not ${JSON.stringify(a)}`);
+    program.error(`--alt wants [sqlite:]name=path/to/relay/main.js, not ${JSON.stringify(a)}`);
   } else {
-    altMains.set(`relay@${m[1]}`, path.resolve(m[2]!));
-    settings.paths.push(`relay@${m[1]}`);
+    const pathName = `${m[1] ?? "relay"}@${m[2]}`;
+    altMains.set(pathName, path.resolve(m[3]!));
+    settings.paths.push(pathName);
   }
 }
 const relayNodeArgs = [
@@ -236,7 +237,7 @@ async function startRig(name: PathName, nats: NatsServer, jsm: JetStreamManager,
       await initChild(pub, { role: "direct-pub", natsUrl: nats.url, subject: DIRECT_SUBJECT });
     } else {
       let bus: { natsUrl?: string; busFile?: string };
-      if (name === "relay" || altMains.has(name)) {
+      if (name === "relay" || name.startsWith("relay@")) {
         // A fresh stream each time: every round starts from the same state.
         await jsm.streams.delete(RELAY_STREAM).catch(() => false);
         bus = { natsUrl: nats.url };
@@ -527,7 +528,8 @@ async function benchBacklog(nats: NatsServer, jsm: JetStreamManager, n: number):
 // ---- fan-out (scripts/lib/fanout.ts) ----------------------------------------------------------------
 
 function fanoutOptions(k: number): Parameters<typeof benchFanout>[2] {
-  const paths = settings.paths.filter((p) => p !== "sqlite");
+  // JetStream only: the embedded bus is one host's, not a fleet's.
+  const paths = settings.paths.filter((p) => p === "direct" || p === "relay" || p.startsWith("relay@"));
   return {
     k,
     // --rate is per controller here; its default (1000, for the latency run) does not apply.

@@ -338,7 +338,8 @@ t.test("Kubernetes: relay is a native sidecar of the controller pod", async (t) 
     const mount = (relay.volumeMounts ?? []).find((m: Y) => path.posix.resolve(m.mountPath) === path.posix.resolve(cfg.dataDir));
     t.ok(mount, `${where}: UPTRAKIT_DATA_DIR (${cfg.dataDir}) is a volume mount`);
     const vol = (spec.volumes ?? []).find((v: Y) => v.name === mount?.name);
-    t.ok(vol?.emptyDir || vol?.persistentVolumeClaim || vol?.ephemeral, `${where}: the data dir volume is emptyDir/PVC`);
+    const claim = (p.workload.spec?.volumeClaimTemplates ?? []).find((v: Y) => v.metadata?.name === mount?.name);
+    t.ok(vol?.emptyDir || vol?.persistentVolumeClaim || vol?.ephemeral || claim, `${where}: the data dir volume is emptyDir/PVC`);
     for (const c of [relay, ...(controller ? [controller] : [])]) {
       t.ok(c.resources?.requests?.cpu && c.resources?.requests?.memory && c.resources?.limits?.memory, `${where}: ${c.name} has resource requests and limits`);
       t.ok(c.securityContext?.runAsNonRoot === true || spec.securityContext?.runAsNonRoot === true, `${where}: ${c.name} runAsNonRoot`);
@@ -360,6 +361,22 @@ t.test("Kubernetes: relay is a native sidecar of the controller pod", async (t) 
   }
 });
 
+t.test("Kubernetes: the StatefulSet variant keeps each relay's data dir on its own claim", async (t) => {
+  const variant = podSpecs.find((p) => p.workload.kind === "StatefulSet" && /controller-statefulset\.ya?ml$/.test(p.file));
+  t.ok(variant, "deploy/kubernetes/persistent/controller-statefulset.yaml has a StatefulSet running the relay");
+  if (!variant) return;
+  const relay = (variant.spec.initContainers ?? []).find((c: Y) => k8sRole(c) === "relay");
+  const dataDir = envGet(k8sEnv(relay), "UPTRAKIT_DATA_DIR")?.value;
+  const mount = (relay?.volumeMounts ?? []).find((m: Y) => m.mountPath === dataDir);
+  t.ok(mount, "the data dir is a volume mount");
+  t.ok((variant.workload.spec.volumeClaimTemplates ?? []).some((v: Y) => v.metadata?.name === mount?.name), "…of a volume claim template (one claim per pod)");
+  t.notOk((variant.spec.volumes ?? []).some((v: Y) => v.name === mount?.name), "…not a pod volume (an emptyDir goes with the pod)");
+  t.equal(variant.workload.spec.persistentVolumeClaimRetentionPolicy?.whenScaled, "Retain", "claims (and their outboxes) are kept when scaled down");
+  t.equal(envGet(k8sEnv(relay), "UPTRAKIT_INSTANCE_ID")?.valueFrom?.fieldRef?.fieldPath, "metadata.name", "instance id = the stable pod name");
+  const svc = k8sDocs.find(({ doc }) => doc.kind === "Service" && doc.metadata?.name === variant.workload.spec.serviceName)?.doc;
+  t.equal(svc?.spec?.clusterIP, "None", "its serviceName is a headless Service in the same file set");
+});
+
 t.test("Kubernetes: NATS StatefulSet runs a JetStream cluster", async (t) => {
   const sts = k8sDocs.find(({ doc }) => doc.kind === "StatefulSet" && doc.metadata?.name === "nats")?.doc;
   t.ok(sts, "StatefulSet nats exists");
@@ -367,7 +384,7 @@ t.test("Kubernetes: NATS StatefulSet runs a JetStream cluster", async (t) => {
   t.equal(sts.spec.replicas, 3, "3 replicas");
   t.equal(sts.spec.podManagementPolicy, "Parallel", "all servers start together (JetStream quorum)");
   const c = (sts.spec.template.spec.containers as Y[]).find((c) => c.name === "nats");
-  t.match(String(c?.image), /^nats:2\.9-alpine$/, "nats:2.9-alpine");
+  t.match(String(c?.image), /^nats:2\.(1\d|[2-9]\d)[.\w-]*$/, "nats 2.10 or newer (sync_interval: always)");
   t.ok((sts.spec.volumeClaimTemplates ?? []).length > 0, "has PVC templates");
   const svc = k8sDocs.find(({ doc }) => doc.kind === "Service" && doc.metadata?.name === sts.spec.serviceName)?.doc;
   t.equal(svc?.spec?.publishNotReadyAddresses, true, "headless Service publishes not-ready addresses (cluster formation)");
@@ -377,6 +394,7 @@ t.test("Kubernetes: NATS StatefulSet runs a JetStream cluster", async (t) => {
   t.ok(cm, "the config volume's ConfigMap is defined");
   const conf = String(Object.values(cm?.data ?? {})[0] ?? "");
   t.match(conf, /jetstream\s*\{[^}]*store_dir/, "nats.conf enables JetStream with a store_dir");
+  t.match(conf, /jetstream\s*\{[^}]*\n\s*sync_interval:\s*always/, "nats.conf fsyncs before each PubAck (sync_interval: always)");
   for (let i = 0; i < sts.spec.replicas; i++) t.ok(conf.includes(`nats://${sts.metadata.name}-${i}.${sts.spec.serviceName}:6222`), `nats.conf routes to ${sts.metadata.name}-${i}`);
   const serverNameVar = /server_name:\s*\$(\w+)/.exec(conf)?.[1];
   t.ok(serverNameVar, "server_name comes from an env var");
@@ -394,6 +412,7 @@ t.test("NATS Helm values: cluster of 3 with a JetStream file store", async (t) =
   t.equal(v?.config?.cluster?.replicas, 3, "config.cluster.replicas = 3");
   t.equal(v?.config?.jetstream?.enabled, true, "config.jetstream.enabled");
   t.equal(v?.config?.jetstream?.fileStore?.enabled, true, "config.jetstream.fileStore.enabled");
+  t.equal(v?.config?.jetstream?.merge?.sync_interval, "always", "config.jetstream.merge.sync_interval = always");
   // Same DNS names as nats-statefulset.yaml, so the relay's UPTRAKIT_NATS_URL fits both.
   t.equal(v?.fullnameOverride, "nats", "pods are nats-0..2");
   t.equal(v?.headlessService?.name, "nats", "headless Service is `nats`");
