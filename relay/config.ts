@@ -45,6 +45,8 @@ export interface RelayConfig {
   drainTimeoutMs: number;
   logLevel: string;
   natsAuth: NatsAuth;
+  /** false: the JetStream bus uses nats.js's public API only (relay/bus/nats-internals.ts). */
+  fastPaths: boolean;
 }
 
 // ---- value parsers (each throws InvalidArgumentError, which commander turns into a clear exit) --
@@ -307,6 +309,14 @@ const OPTIONS = {
     parse: oneOf(LOG_LEVELS),
     default: "info",
   }),
+  fastPaths: option({
+    flags: "--fast-paths <on|off>",
+    env: "UPTRAKIT_RELAY_FAST_PATHS",
+    help: "`off`: nats.js's public API only, none of the relay's shortcuts through its internals (each is checked at start-up and falls back on its own)",
+    parse: oneOf(["on", "off"]),
+    default: "on",
+    runOnly: true,
+  }),
   natsUser: option({ flags: "--nats-user <user>", env: "UPTRAKIT_NATS_USER", help: "NATS user name", parse: text }),
   natsPass: option({ flags: "--nats-pass <password>", env: "UPTRAKIT_NATS_PASS", help: "NATS password (with `--nats-user`)", parse: text }),
   natsPassFile: option({
@@ -422,6 +432,7 @@ export function toRelayConfig(given: Record<string, unknown>): RelayConfig {
     drainTimeoutMs: o.drainTimeout,
     logLevel: o.logLevel,
     natsAuth: natsAuth(o),
+    fastPaths: o.fastPaths !== "off",
   };
 }
 

@@ -2,7 +2,7 @@
 // buses: every scenario here must pass on JetStream and on the embedded SQLite bus alike.
 
 import t, { type Test } from "tap";
-import { backends, type Medium } from "./helpers/relay-backends.js";
+import { conformanceBackends as backends, type Medium } from "./helpers/relay-backends.js";
 import { runRelayCli, startRelay, tempDir, type RelayProcess } from "./helpers/relay-process.js";
 import { TestController, upgradeStatus, type Frame } from "./helpers/test-controller.js";
 

@@ -13,7 +13,7 @@ export interface Medium {
 }
 
 export interface RelayBackend {
-  name: "jetstream" | "sqlite";
+  name: "jetstream" | "jetstream-public-api" | "sqlite";
   create(): Promise<Medium>;
 }
 
@@ -36,4 +36,16 @@ export const sqliteBackend: RelayBackend = {
   },
 };
 
+/** JetStream with every shortcut through nats.js internals off (relay/bus/nats-internals.ts). */
+export const jetstreamPublicApiBackend: RelayBackend = {
+  name: "jetstream-public-api",
+  async create() {
+    const m = await jetstreamBackend.create();
+    return { ...m, args: [...m.args, "--fast-paths", "off"] };
+  },
+};
+
 export const backends: RelayBackend[] = [jetstreamBackend, sqliteBackend];
+
+/** For the delivery conformance suite: the relay on nats.js's public API alone must pass it too. */
+export const conformanceBackends: RelayBackend[] = [...backends, jetstreamPublicApiBackend];
