@@ -22,6 +22,8 @@
 //   --backlog <n>    <n> messages backlogged for a slow controller: the relays' peak RSS
 //   --alt n=main.js  also measure another relay build (A/B: e.g. before/after an optimisation); sqlite:n=main.js on the embedded bus
 //   --profile <dir>  relays under node --cpu-prof (see scripts/cpuprofile-top.ts)
+//   --cold           latency over the first --duration seconds (default 10) of fresh relays at
+//                    --rate, no warm-up at all (a new pod), with the p99 of each second
 //   --fanout <K>     K relays on one stream, everyone publishing (--rate each) and receiving
 //                    everyone else's, against K direct nats.js peers (scripts/lib/fanout.ts)
 // Diagnostics: BENCH_DUMP_LATENCY=<dir> keeps every latency sample; BENCH_RELAY_LOG_DIR=<dir>
@@ -97,6 +99,7 @@ const program = new Command("bench")
   .option("--idle-samples <n>", "idle periods to measure (--idle)", int(1), 1)
   .option("--backlog <n>", "instead: backlog <n> messages for a slow controller and report relay RSS", int(1))
   .option("--alt <name=main.js>", "also measure another relay build on JetStream, as path relay@<name>; sqlite:<name>=main.js on the embedded bus, as sqlite@<name> (repeatable)", (v: string, prev: string[] = []) => [...prev, v])
+  .option("--cold", "instead: latency at --rate over the first --duration s (default 10) after the relays start, no warm-up")
   .option("--fanout <K>", "instead: K relays on one stream, all publishing at --rate each (default 200/100/50 msg/s for K = 2/4/8) and receiving each other's, against K direct peers", int(2))
   .option("--slow-rate <msg/s>", "how fast the slow controller settles (--backlog)", num(1), 500)
   .option("--hold <s>", "how long the slow controller keeps the backlog before draining (--backlog)", num(0), 10)
@@ -123,6 +126,7 @@ interface Options {
   hold: number;
   alt?: string[];
   fanout?: number;
+  cold?: boolean;
 }
 const o = program.opts<Options>();
 const quick = o.quick === true;
@@ -525,6 +529,44 @@ async function benchBacklog(nats: NatsServer, jsm: JetStreamManager, n: number):
   return { backlog: out };
 }
 
+// ---- cold: the first seconds of fresh relays ----------------------------------------------------------
+
+/** Latency from the first message on, with nothing sent before: what a new pod's controller sees. */
+async function benchCold(nats: NatsServer, jsm: JetStreamManager): Promise<Record<string, unknown>> {
+  const seconds = o.duration ?? 10;
+  const n = Math.max(1, Math.round(settings.rate * seconds));
+  const out: Record<string, unknown> = {};
+  const rounds: Record<string, Array<{ p50: number; p99: number; max: number; perSecondP99: number[] }>> = {};
+  for (let round = 1; round <= settings.rounds; round++)
+    for (const p of settings.paths) {
+      log(`cold ${seconds} s at ${settings.rate} msg/s, round ${round}/${settings.rounds}: ${p} ...`);
+      const rig = await startRig(p, nats, jsm, `c${round}${p.replace(/[^A-Za-z0-9]/g, "").slice(0, 20)}`);
+      try {
+        const { recv } = await transfer(rig, n, { rate: settings.rate }, true, seconds * 1000 + 60_000);
+        const lat = recv.lat ?? [];
+        const all = Float64Array.from(lat).sort();
+        // Message s was published about s / rate seconds after the start: one bucket per second.
+        const perSecondP99: number[] = [];
+        for (let i = 0; i * settings.rate < lat.length; i++)
+          perSecondP99.push(round2(percentile(Float64Array.from(lat.slice(i * settings.rate, (i + 1) * settings.rate)).sort(), 0.99)));
+        const r = { p50: round2(percentile(all, 0.5)), p99: round2(percentile(all, 0.99)), max: round2(all[all.length - 1] ?? NaN), perSecondP99 };
+        (rounds[p] ??= []).push(r);
+        log(`  ${p}: p50 ${r.p50}  p99 ${r.p99}  max ${r.max} ms; p99 by second: ${perSecondP99.join(" ")}`);
+      } finally {
+        await rig.stop();
+      }
+    }
+  process.stdout.write(`\nfirst ${seconds} s of fresh relays at ${settings.rate} msg/s, no warm-up (ms; medians of ${settings.rounds} round${settings.rounds === 1 ? "" : "s"}, worst in brackets):\n`);
+  for (const [p, rs] of Object.entries(rounds)) {
+    const m = (k: "p50" | "p99" | "max"): number => median(rs.map((r) => r[k]));
+    const w = (k: "p50" | "p99" | "max"): number => Math.max(...rs.map((r) => r[k]));
+    const perSecond = rs[0]!.perSecondP99.map((_, i) => round2(median(rs.map((r) => r.perSecondP99[i] ?? NaN))));
+    out[p] = { p50: round2(m("p50")), p99: round2(m("p99")), max: round2(m("max")), worstP99: round2(w("p99")), perSecondP99: perSecond };
+    process.stdout.write(`  ${p.padEnd(10)} p50 ${m("p50").toFixed(3)}  p99 ${m("p99").toFixed(3)} [${w("p99").toFixed(3)}]  max ${m("max").toFixed(3)}  p99 by second: ${perSecond.join(" ")}\n`);
+  }
+  return { cold: { seconds, rate: settings.rate, ...out, rounds } };
+}
+
 // ---- fan-out (scripts/lib/fanout.ts) ----------------------------------------------------------------
 
 function fanoutOptions(k: number): Parameters<typeof benchFanout>[2] {
@@ -560,6 +602,7 @@ async function main(): Promise<void> {
     const jsm = await jetstreamManager(nc);
     if (o.idle !== undefined) result = await benchIdle(nats, jsm, o.idle);
     else if (o.backlog !== undefined) result = await benchBacklog(nats, jsm, o.backlog);
+    else if (o.cold) result = await benchCold(nats, jsm);
     else if (o.fanout !== undefined) result = await benchFanout(nats, jsm, fanoutOptions(o.fanout));
     else result = await benchMain(nats, jsm);
   } finally {

@@ -62,7 +62,7 @@ for (const backend of backends) {
     const env = await setup(tt, backend);
     const [ra, rb] = await Promise.all([env.relay("alpha"), env.relay("bravo")]);
     const [ca, cb] = await Promise.all([env.controller(ra), env.controller(rb)]);
-    tt.same(ca.ready, { type: "ready", instanceId: "alpha", bus: backend.name });
+    tt.same(ca.ready, { type: "ready", instanceId: "alpha", bus: backend.bus });
 
     const payload = { service: "billing", version: "1.2.3", nested: { list: [1, "two", null, true] }, text: "ünïcødé ✓" };
     for (let i = 0; i < 20; i++) tt.same(await ca.publish("VersionCheckCompleted", { ...payload, i }, `a-${i}`), { type: "published", id: `a-${i}` });
