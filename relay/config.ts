@@ -91,9 +91,12 @@ function busSpec(value: string): string {
 }
 
 function instanceId(value: string): string {
-  // The id names this instance's durable consumer and travels in a header.
+  // The id names this instance's durable consumer, travels in a header and is a token of every
+  // subject it publishes on (uptrakit.push.<id>.<kind>): no dots, wildcards or spaces.
   if (!/^[A-Za-z0-9_-]{1,64}$/.test(value))
-    throw new InvalidArgumentError("expected 1-64 characters of letters, digits, '_' or '-'");
+    throw new InvalidArgumentError(
+      "expected 1-64 characters of letters, digits, '_' or '-' (it becomes a NATS subject token, so no '.', '*', '>' or spaces)",
+    );
   return value;
 }
 
@@ -297,7 +300,7 @@ const OPTIONS = {
   drainTimeout: option({
     flags: "--drain-timeout <ms>",
     env: "UPTRAKIT_DRAIN_TIMEOUT",
-    help: "on SIGTERM, how long to wait for in-flight deliveries to be acked",
+    help: "on SIGTERM, how long to wait for in-flight deliveries to be acked, then for the outbox to reach the bus",
     parse: durationIn(0, 600_000),
     default: 10_000,
     runOnly: true,

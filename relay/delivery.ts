@@ -283,6 +283,8 @@ export class DeliveryMachine {
         attempt: e.attempt,
         publishedAt: msg.publishedAt,
         payloadJson: msg.payloadJson,
+        traceparent: msg.traceparent,
+        tracestate: msg.tracestate,
       }),
     );
   }

@@ -159,13 +159,21 @@ export class LocalServer {
     return { host: addr.address, port: addr.port };
   }
 
-  /** Closes every session with the code given, then stops listening. */
-  async close(code: number, reason: string): Promise<void> {
+  /**
+   * Closes every session with the code given; the listener stays up (probes and /metrics answer
+   * while the relay finishes stopping; new sessions are refused by the relay).
+   */
+  async closeSessions(code: number, reason: string): Promise<void> {
     const sessions = [...this.sessions];
     for (const s of sessions) s.close(code, reason);
     // A peer that never answers the close handshake is not allowed to hold shutdown up.
     await Promise.race([Promise.all(sessions.map((s) => s.closed())), new Promise((r) => setTimeout(r, 2000).unref())]);
     for (const s of sessions) s.terminate();
+  }
+
+  /** Closes every session with the code given, then stops listening. */
+  async close(code: number, reason: string): Promise<void> {
+    await this.closeSessions(code, reason);
     await new Promise<void>((resolve) => {
       this.http.close(() => resolve());
       this.http.closeAllConnections();

@@ -101,7 +101,8 @@ dlq
         publishedAt: r.publishedAt,
         deadAt: r.deadAt,
         replayRequested: r.replayRequested,
-        payload: JSON.parse(r.payloadJson) as unknown,
+        ...payloadOf(r.payloadJson),
+        ...(r.traceparent === undefined ? {} : { traceparent: r.traceparent, tracestate: r.tracestate }),
       }));
       process.stdout.write(JSON.stringify(out, null, 2) + "\n");
       return;
@@ -190,3 +191,13 @@ for (const cmd of [stream.command("info"), program.command("status")]) {
 }
 
 await program.parseAsync(process.argv);
+
+/** A dead letter's payload for --json: rejected inbound messages may hold no JSON, or none at all. */
+function payloadOf(text: string): { payload: unknown } | { payloadText: string } | { payloadWithheld: true } {
+  if (text === "") return { payloadWithheld: true }; // a credential-bearing kind's: never stored
+  try {
+    return { payload: JSON.parse(text) as unknown };
+  } catch {
+    return { payloadText: text };
+  }
+}

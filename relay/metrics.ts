@@ -2,6 +2,7 @@
 // process (tests, benchmarks) never collide.
 
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import { INBOUND_REJECT_REASONS } from "./inbound-policy.js";
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
 
@@ -27,7 +28,19 @@ export class RelayMetrics {
   readonly refused = this.counter("refused_total", "Publishes the bus refused for good (answered 'refused', or set aside from the outbox as dead letters)");
   readonly outboxFlushed = this.counter("outbox_flushed_total", "Queued publishes sent from the outbox to the bus");
   readonly settleFailures = this.counter("settle_failures_total", "Acks, naks, working and terms the bus could not be sent (the message is redelivered)");
+  readonly traceContextDropped = this.counter("trace_context_dropped_total", "Publishes whose malformed traceparent/tracestate was dropped (the publish went ahead without it)");
   readonly natsStale = this.counter("nats_stale_total", "Times the NATS connection was found silently cut off (no answer to pings or PubAcks) and given up");
+
+  readonly inboundRejected = (() => {
+    const c = new Counter({
+      name: "uptrakit_relay_inbound_rejected_total",
+      help: "Messages from the bus refused by the inbound policy (never delivered; recorded as dead letters), by reason",
+      labelNames: ["reason"],
+      registers: [this.registry],
+    });
+    for (const reason of INBOUND_REJECT_REASONS) c.inc({ reason }, 0); // every reason shows, at 0
+    return c;
+  })();
 
   readonly outboxDepth = new Gauge({ name: "uptrakit_relay_outbox_depth", help: "Publishes waiting in the outbox", registers: [this.registry] });
   readonly inFlight = new Gauge({ name: "uptrakit_relay_in_flight", help: "Deliveries awaiting the controller's ack", registers: [this.registry] });

@@ -2,15 +2,14 @@
 // This module is the single source of truth for it; docs/protocol.md describes the same frames.
 
 import { kindProblem } from "./kinds.js";
+import { parseTraceContext } from "./trace-context.js";
 
-export type ErrorCode =
-  | "invalid_frame"
-  | "frame_too_large"
-  | "forbidden_kind"
-  | "unavailable"
-  /** The bus refused this message for good (e.g. over NATS's max_payload): a retry cannot help. */
-  | "refused"
-  | "unknown_delivery";
+/**
+ * Every error code the relay sends. "refused": the bus refused this message for good (e.g. over
+ * NATS's max_payload), a retry cannot help.
+ */
+export const ERROR_CODES = ["invalid_frame", "frame_too_large", "forbidden_kind", "unavailable", "refused", "unknown_delivery"] as const;
+export type ErrorCode = (typeof ERROR_CODES)[number];
 
 // ---- controller → relay -------------------------------------------------------------------
 
@@ -20,6 +19,11 @@ export interface PublishFrame {
   kind: string;
   /** The payload as JSON text: parsed once to validate the frame, then carried as text. */
   payloadJson: string;
+  /** W3C trace context, when the frame carried a well-formed one. */
+  traceparent?: string;
+  tracestate?: string;
+  /** Why a trace context the frame carried was dropped (the publish goes ahead without it). */
+  traceDropped?: string;
 }
 export interface AckFrame {
   type: "ack";
@@ -40,6 +44,23 @@ export interface RejectFrame {
   reason?: string;
 }
 export type ClientFrame = PublishFrame | AckFrame | NackFrame | WorkingFrame | RejectFrame;
+
+// The contract as lists, compared with docs/asyncapi.yaml by test/contract.test.ts: every frame
+// type in each direction with every field it may carry (on the wire, so "payload", not payloadJson).
+export const CLIENT_FRAME_FIELDS = {
+  publish: ["type", "id", "kind", "payload", "traceparent", "tracestate"],
+  ack: ["type", "deliveryId"],
+  nack: ["type", "deliveryId", "delayMs"],
+  working: ["type", "deliveryId"],
+  reject: ["type", "deliveryId", "reason"],
+} as const satisfies { [K in ClientFrame["type"]]: readonly string[] };
+
+export const RELAY_FRAME_FIELDS = {
+  ready: ["type", "instanceId", "bus"],
+  published: ["type", "id", "queued"],
+  deliver: ["type", "deliveryId", "id", "kind", "origin", "attempt", "publishedAt", "payload", "traceparent", "tracestate"],
+  error: ["type", "id", "code", "message"],
+} as const;
 
 export interface FrameError {
   code: ErrorCode;
@@ -69,21 +90,36 @@ function isPlainObject(v: unknown): v is Record<string, unknown> {
 /** A UTF-16 surrogate without its other half (u-mode: a well-formed pair is one code point). */
 const LONE_SURROGATE = /[\uD800-\uDFFF]/u;
 
+/** At most max code points (what JSON Schema's maxLength counts), without allocating. */
+function codePointsAtMost(v: string, max: number): boolean {
+  if (v.length <= max) return true;
+  if (v.length > 2 * max) return false;
+  let n = 0;
+  for (let i = 0; i < v.length; i++, n++) {
+    const c = v.charCodeAt(i);
+    if (c >= 0xd800 && c <= 0xdbff && i + 1 < v.length) {
+      const d = v.charCodeAt(i + 1);
+      if (d >= 0xdc00 && d <= 0xdfff) i++;
+    }
+  }
+  return n <= max;
+}
+
 // An id must survive the bus's header encoding and a round trip through the outbox (UTF-8): a
 // lone surrogate does neither, so it is refused here rather than answered 'unavailable' for ever.
 function validId(v: unknown): v is string {
-  return typeof v === "string" && v.length >= 1 && v.length <= MAX_ID_LENGTH && !LONE_SURROGATE.test(v);
+  return typeof v === "string" && v.length >= 1 && codePointsAtMost(v, MAX_ID_LENGTH) && !LONE_SURROGATE.test(v);
 }
 
 function validDeliveryId(v: unknown): v is string {
-  return typeof v === "string" && v.length >= 1 && v.length <= MAX_DELIVERY_ID_LENGTH;
+  return typeof v === "string" && v.length >= 1 && codePointsAtMost(v, MAX_DELIVERY_ID_LENGTH);
 }
 
 /**
  * Depth of nested arrays/objects, stopping early once past the limit. Recursive (at most
  * limit + 1 frames deep) and allocation-free: it runs on every publish.
  */
-function depthExceeds(value: unknown, limit: number, depth = 1): boolean {
+export function depthExceeds(value: unknown, limit: number, depth = 1): boolean {
   if (typeof value !== "object" || value === null) return false;
   if (depth > limit) return true;
   if (Array.isArray(value)) {
@@ -170,7 +206,14 @@ function parsePublish(raw: Record<string, unknown>): ParseResult {
   if (!("payload" in raw) || raw.payload === undefined) return fail("invalid_frame", `publish: "payload" is required`, id);
   if (depthExceeds(raw.payload, MAX_PAYLOAD_DEPTH))
     return fail("invalid_frame", `publish: "payload" is nested deeper than ${MAX_PAYLOAD_DEPTH} levels`, id);
-  return { ok: true, frame: { type: "publish", id, kind, payloadJson: JSON.stringify(raw.payload) } };
+  const frame: PublishFrame = { type: "publish", id, kind, payloadJson: JSON.stringify(raw.payload) };
+  if (raw.traceparent !== undefined || raw.tracestate !== undefined) {
+    const tc = parseTraceContext(raw.traceparent, raw.tracestate);
+    if (tc.traceparent !== undefined) frame.traceparent = tc.traceparent;
+    if (tc.tracestate !== undefined) frame.tracestate = tc.tracestate;
+    if (tc.dropped !== undefined) frame.traceDropped = tc.dropped;
+  }
+  return { ok: true, frame };
 }
 
 /**
@@ -217,17 +260,25 @@ export interface DeliverFields {
   publishedAt: string;
   /** JSON text, spliced in as it is: the relay never re-parses a payload it forwards. */
   payloadJson: string;
+  traceparent?: string;
+  tracestate?: string;
 }
 
 export function deliverFrame(d: DeliverFields): string {
   return (
     `{"type":"deliver","deliveryId":${JSON.stringify(d.deliveryId)},"id":${JSON.stringify(d.id)}` +
     `,"kind":${JSON.stringify(d.kind)},"origin":${JSON.stringify(d.origin)},"attempt":${d.attempt}` +
-    `,"publishedAt":${JSON.stringify(d.publishedAt)},"payload":${d.payloadJson}}`
+    `,"publishedAt":${JSON.stringify(d.publishedAt)}` +
+    (d.traceparent === undefined ? "" : `,"traceparent":${JSON.stringify(d.traceparent)}`) +
+    (d.tracestate === undefined ? "" : `,"tracestate":${JSON.stringify(d.tracestate)}`) +
+    `,"payload":${d.payloadJson}}`
   );
 }
 
 // Close codes the relay uses on /ws (4000-4999 is the application range).
 export const CLOSE_NORMAL = 1000;
+/** Sent by the WebSocket library itself when a text frame is not valid UTF-8. */
+export const CLOSE_INVALID_UTF8 = 1007;
 export const CLOSE_TOO_BIG = 1009;
 export const CLOSE_SUPERSEDED = 4001;
+export const CLOSE_CODES = [CLOSE_NORMAL, CLOSE_INVALID_UTF8, CLOSE_TOO_BIG, CLOSE_SUPERSEDED] as const;

@@ -119,12 +119,31 @@ export class Publisher {
    */
   async flushBeforeStop(timeoutMs: number): Promise<number> {
     const deadline = Date.now() + timeoutMs;
-    while (!this.closed && this.depth > 0 && Date.now() < deadline && this.o.bus.status().state === "connected") {
-      this.kick();
+    while (!this.closed && this.depth > 0 && Date.now() < deadline) {
       const left = deadline - Date.now();
+      if (this.o.bus.status().state !== "connected") {
+        // The bus may come back within the drain timeout (a NATS restart during a rollout).
+        await this.untilConnected(left);
+        continue;
+      }
+      this.kick();
       await Promise.race([this.flushing, new Promise((r) => setTimeout(r, Math.max(0, left)).unref())]);
     }
     return this.depth;
+  }
+
+  private untilConnected(timeoutMs: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        unsubscribe();
+        resolve();
+      };
+      const timer = setTimeout(done, Math.max(0, timeoutMs));
+      const unsubscribe = this.o.bus.onStatus((s) => {
+        if (s.state === "connected") done();
+      });
+    });
   }
 
   close(): void {

@@ -9,6 +9,7 @@ import { createBus } from "./bus/create.js";
 import { FAST_PATH_STATES } from "./bus/nats-internals.js";
 import type { RelayConfig } from "./config.js";
 import { DeliveryMachine, type ArrivalSource } from "./delivery.js";
+import { InboundGate } from "./inbound-gate.js";
 import { LocalServer, type ControllerSession } from "./local-server.js";
 import type { Logger } from "./log.js";
 import { RelayMetrics } from "./metrics.js";
@@ -49,6 +50,7 @@ export class Relay {
     recordDeadLetter: (msg, attempts, reason) => this.store!.addDeadLetter(msg, attempts, reason),
   };
   private replay: ReplaySource | undefined;
+  private gate: InboundGate | undefined;
   private session: ControllerSession | undefined;
   private consumption: Consumption | undefined;
   private consumptionStopping: Promise<void> = Promise.resolve();
@@ -103,6 +105,12 @@ export class Relay {
         nackDelayMs: this.cfg.nackDelayMs,
         metrics: this.metrics,
         logger: this.log,
+      });
+      this.gate = new InboundGate({
+        instanceId: this.cfg.instanceId,
+        metrics: this.metrics,
+        logger: this.log,
+        deliver: (m, source) => this.tracker!.offer(m, source),
       });
       this.replay = new ReplaySource({
         store: this.store,
@@ -167,12 +175,17 @@ export class Relay {
     const idle = (await t?.waitIdle(this.cfg.drainTimeoutMs)) ?? true;
     const released = t?.releaseAll(HANDBACK_DELAY_MS) ?? 0; // see HANDBACK_DELAY_MS
     if (!idle || released > 0) this.log.warn({ released }, "drain timeout: unacked deliveries handed back for redelivery");
+    if (this.gate && !(await this.gate.waitIdle(this.cfg.drainTimeoutMs)))
+      this.log.error("dead letters of rejected inbound messages still being written at shutdown are left to the bus, which redelivers them");
     if (t && !(await t.waitRecorded(this.cfg.drainTimeoutMs)))
       this.log.error({ recording: t.recordingCount }, "dead letters still being written at shutdown are left to the bus, which redelivers them");
-    await this.server?.close(CLOSE_NORMAL, "relay shutting down");
+    await this.server?.closeSessions(CLOSE_NORMAL, "relay shutting down");
     await this.publisher?.settle();
+    // Shown while the flush runs (probes and /metrics still answer), so a last scrape sees it.
+    this.metrics.outboxUnflushedAtStop.set(this.publisher?.outboxDepth ?? 0);
     const outbox = (await this.publisher?.flushBeforeStop(this.cfg.drainTimeoutMs)) ?? 0;
     this.metrics.outboxUnflushedAtStop.set(outbox);
+    await this.server?.close(CLOSE_NORMAL, "relay shutting down");
     if (outbox > 0)
       this.log.error(
         { outbox, dataDir: this.cfg.dataDir },
@@ -268,12 +281,18 @@ export class Relay {
       this.metrics.unavailable.inc();
       return s.sendError({ id: f.id, code: "unavailable", message: "the relay is shutting down" });
     }
+    if (f.traceDropped !== undefined) {
+      this.metrics.traceContextDropped.inc();
+      this.log.warn({ id: f.id, reason: f.traceDropped }, "dropped the publish's trace context; publishing without it");
+    }
     const outcome = await this.publisher!.publish({
       id: f.id,
       kind: f.kind,
       origin: this.cfg.instanceId,
       publishedAt: isoNow(),
       payloadJson: f.payloadJson,
+      traceparent: f.traceparent,
+      tracestate: f.tracestate,
     });
     if (outcome.status === "unavailable" || outcome.status === "refused") {
       (outcome.status === "unavailable" ? this.metrics.unavailable : this.metrics.refused).inc();
@@ -309,14 +328,12 @@ export class Relay {
     this.admit(m, this.busSource);
   }
 
-  /** The one entry point of messages into delivery, from the bus and from replay alike. */
+  /**
+   * The one entry point of messages into delivery, from the bus and from replay alike: the
+   * inbound gate filters echoes and turns whatever breaks the inbound policy into dead letters.
+   */
   private admit(m: InboundMessage, source: ArrivalSource): void {
-    if (m.origin === this.cfg.instanceId) {
-      m.ack();
-      this.metrics.echoFiltered.inc();
-      return;
-    }
-    this.tracker!.offer(m, source);
+    this.gate!.admit(m, source);
   }
 
   private warnIfExposed(): void {

@@ -35,6 +35,8 @@ class ReplayedMessage implements InboundMessage {
   readonly origin: string;
   readonly publishedAt: string;
   readonly payloadJson: string;
+  readonly traceparent: string | undefined;
+  readonly tracestate: string | undefined;
   readonly seq: number;
   readonly attempt = 1;
 
@@ -47,6 +49,8 @@ class ReplayedMessage implements InboundMessage {
     this.origin = row.origin;
     this.publishedAt = row.publishedAt;
     this.payloadJson = row.payloadJson;
+    this.traceparent = row.traceparent;
+    this.tracestate = row.tracestate;
     this.seq = -row.seq;
   }
 

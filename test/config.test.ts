@@ -126,6 +126,11 @@ t.test("a flag beats its env var; values are parsed the same from either", async
   tt.match(failure(["--max-deliver", "0"]), /--max-deliver.*expected a whole number from 1 to 100/);
   tt.match(failure([], { UPTRAKIT_MAX_AGE: "forever" }), /UPTRAKIT_MAX_AGE.*expected a duration/);
   tt.match(failure(["--instance-id", "a.b"]), /--instance-id.*letters, digits/);
+  // The id is a subject token (uptrakit.push.<id>.<kind>): whatever would break one is refused,
+  // and the message says which characters are allowed.
+  for (const bad of ["a.b", "a*", ">", "a b", "relay\u00e9", "", "x".repeat(65)])
+    tt.match(failure(["--instance-id", bad]), /--instance-id.*1-64 characters of letters, digits, '_' or '-'.*subject token/, `${JSON.stringify(bad)} refused`);
+  tt.match(failure([], { UPTRAKIT_INSTANCE_ID: "eu.west" }), /UPTRAKIT_INSTANCE_ID.*subject token/);
 });
 
 // ---- NATS URL credentials -------------------------------------------------------------------------

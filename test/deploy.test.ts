@@ -332,7 +332,8 @@ t.test("Kubernetes: relay is a native sidecar of the controller pod", async (t) 
     t.notOk(["127.0.0.1", "localhost", "::1"].includes(cfg.listenHost), `${where}: relay listens beyond loopback (${cfg.listenHost}) so kubelet probes reach it`);
     t.ok(cfg.token, `${where}: a non-loopback listener is token-protected`);
 
-    t.ok(typeof spec.terminationGracePeriodSeconds === "number" && spec.terminationGracePeriodSeconds * 1000 > cfg.drainTimeoutMs, `${where}: terminationGracePeriodSeconds (${spec.terminationGracePeriodSeconds}) > drain timeout (${cfg.drainTimeoutMs} ms)`);
+    // The drain waits up to the drain timeout twice: for in-flight deliveries, then for the outbox.
+    t.ok(typeof spec.terminationGracePeriodSeconds === "number" && spec.terminationGracePeriodSeconds * 1000 > 2 * cfg.drainTimeoutMs, `${where}: terminationGracePeriodSeconds (${spec.terminationGracePeriodSeconds}) > twice the drain timeout (${cfg.drainTimeoutMs} ms)`);
 
     // Data dir on a pod volume; hardening; resources.
     const mount = (relay.volumeMounts ?? []).find((m: Y) => path.posix.resolve(m.mountPath) === path.posix.resolve(cfg.dataDir));

@@ -6,7 +6,7 @@ import t from "tap";
 import { connect, headers } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, AckPolicy, type JsMsg } from "@nats-io/jetstream";
 import { JetStreamBus } from "../relay/bus/jetstream.js";
-import { ackInfo, readHeaders, wireCodec } from "../relay/bus/jetstream-wire.js";
+import { ackInfo, parseSubject, readHeaders, subjectFor, wireCodec } from "../relay/bus/jetstream-wire.js";
 import { NatsFastPaths } from "../relay/bus/nats-internals.js";
 import { createLogger } from "../relay/log.js";
 import { startNatsServer } from "./helpers/nats-server.js";
@@ -48,11 +48,11 @@ t.test("hand-made headers read back exactly as nats.js reads them", async (t) =>
   h1.append("Uptrakit-Origin", "second");
   h1.set("Uptrakit-Kind", "Foreign");
   h1.set("X-Other", "a: b: c");
-  await js.publish("uptrakit.push.Foreign", "{}", { headers: h1, msgID: "foreign-1" });
-  await js.publish("uptrakit.push.Bare", "{}");
+  await js.publish("uptrakit.push.spaced.Foreign", "{}", { headers: h1, msgID: "foreign-1" });
+  await js.publish("uptrakit.push.bare.Bare", "{}");
   const h2 = headers();
   h2.set("uptrakit-origin", "wrong-case-is-another-key");
-  await js.publish("uptrakit.push.Case", "{}", { headers: h2 });
+  await js.publish("uptrakit.push.case.Case", "{}", { headers: h2 });
 
   const consumer = await js.consumers.get(STREAM, "hdr-check");
   const msgs: JsMsg[] = [];
@@ -80,6 +80,12 @@ t.test("hand-made headers read back exactly as nats.js reads them", async (t) =>
   }
   const ours = msgs.slice(0, ids.length);
   t.same(
+    msgs.map((m) => readHeaders(m).duplicated),
+    [...ids.map(() => ""), "Uptrakit-Origin", "", ""],
+    "a relay header given twice is reported (the first value still wins, as nats.js's get() has it)",
+  );
+  t.same([...new Set(ours.map((m) => m.subject))], ["uptrakit.push.hdr-a.Check"], "published on uptrakit.push.<origin>.<kind>");
+  t.same(
     ours.map((m) => decodeURIComponent(readHeaders(m).id)),
     ids,
     "ids travel exactly",
@@ -98,4 +104,21 @@ t.test("ackInfo reads both ack subject layouts and refuses others", async (t) =>
   t.equal(ackInfo("_INBOX.abc.def"), undefined);
   t.equal(ackInfo("$JS.ACK.S.C.x.17.5.1.0"), undefined);
   t.equal(ackInfo("$JS.ACK.S.C.2.17"), undefined);
+});
+
+t.test("subjects: uptrakit.push.<origin>.<kind>, built and parsed in one place", async (t) => {
+  t.equal(subjectFor("relay-a", "VersionCheckCompleted"), "uptrakit.push.relay-a.VersionCheckCompleted");
+  t.same(parseSubject("uptrakit.push.relay-a.VersionCheckCompleted"), { origin: "relay-a", kind: "VersionCheckCompleted" });
+  t.same(parseSubject(subjectFor("a_B-9", "K")), { origin: "a_B-9", kind: "K" }, "round trip");
+  for (const bad of [
+    "uptrakit.push.VersionCheckCompleted", // the old layout: no origin
+    "uptrakit.push.a.b.c",
+    "uptrakit.push..K",
+    "uptrakit.push.a.",
+    "uptrakit.push.",
+    "uptrakit.pushed.a.K",
+    "other.push.a.K",
+    "",
+  ])
+    t.equal(parseSubject(bad), undefined, `${JSON.stringify(bad)} is not a relay subject`);
 });

@@ -24,9 +24,18 @@ export interface BusMessage {
   publishedAt: string;
   /** Payload as JSON text. */
   payloadJson: string;
+  /** W3C trace context of the publish (validated by the origin relay), carried as it is. */
+  traceparent?: string;
+  tracestate?: string;
 }
 
 export interface InboundMessage extends BusMessage {
+  /** The subject it arrived on, for a bus that has subjects (JetStream); see inbound-policy.ts. */
+  readonly subject?: string;
+  /** The first relay header the message carried twice, "" or absent when none. */
+  readonly duplicatedHeader?: string;
+  /** False when the payload's bytes were not UTF-8 (absent: the bus holds text). */
+  readonly payloadUtf8?: boolean;
   /** 1 on first delivery, counting up on each redelivery. */
   attempt: number;
   /** A key for the stored message (stream sequence): the same across redeliveries. */

@@ -2,7 +2,9 @@
 
 import type { JsMsg } from "@nats-io/jetstream";
 import type { InboundMessage } from "./bus.js";
-import { SUBJECT_PREFIX, ackInfo, decodeHeader, readHeaders } from "./jetstream-wire.js";
+import { isUtf8 } from "node:buffer";
+import { ackInfo, decodeHeader, readHeaders } from "./jetstream-wire.js";
+import { validTracestate, validTraceparent } from "../trace-context.js";
 
 export interface Settler {
   /** The header-read and ack-reply fast paths (relay/bus/nats-internals.ts): undefined / "" when off. */
@@ -33,6 +35,8 @@ export class JsInbound implements InboundMessage {
   readonly kind: string;
   readonly origin: string;
   readonly publishedAt: string;
+  readonly traceparent: string | undefined;
+  readonly tracestate: string | undefined;
   readonly attempt: number;
   readonly seq: number;
   /** The ack subject; "" without the ack-reply fast path (then settles go through `legacy`). */
@@ -53,20 +57,41 @@ export class JsInbound implements InboundMessage {
     const info = ackInfo(this.reply) ?? m.info;
     this.seq = info.streamSequence;
     this.attempt = info.deliveryCount;
-    // A missing header reads as "": every fallback below applies to "" as well.
-    this.id = h.id ? decodeHeader(h.id) : h.msgId || `${m.info.stream}:${info.streamSequence}`;
-    this.kind = h.kind || m.subject.slice(SUBJECT_PREFIX.length + 1);
+    // The headers as they came ("" when absent), no fallbacks: a message without them is not a
+    // relay's, and the inbound policy (relay/inbound-policy.ts) refuses it for what it is.
+    this.id = h.id ? decodeHeader(h.id) : "";
+    this.kind = h.kind;
     this.origin = h.origin;
-    this.publishedAt = h.publishedAt || m.time.toISOString();
+    this.publishedAt = h.publishedAt;
+    this.duplicatedHeader = h.duplicated;
+    this.subject = m.subject;
+    // Anyone may publish on the subject: only a well-formed context is passed on.
+    this.traceparent = h.traceparent && validTraceparent(h.traceparent) ? h.traceparent : undefined;
+    this.tracestate = this.traceparent && h.tracestate && validTracestate(h.tracestate) ? h.tracestate : undefined;
     this.m = m;
   }
 
+  readonly subject: string;
+  readonly duplicatedHeader: string;
+
   get payloadJson(): string {
-    if (this.payload === undefined) {
-      this.payload = this.m!.string();
-      this.m = undefined;
-    }
-    return this.payload;
+    if (this.payload === undefined) this.readPayload();
+    return this.payload!;
+  }
+
+  /** False when the payload's bytes are not UTF-8 (its text then holds replacement characters). */
+  get payloadUtf8(): boolean {
+    if (this.payload === undefined) this.readPayload();
+    return this.utf8;
+  }
+
+  private utf8 = true;
+
+  private readPayload(): void {
+    const data = this.m!.data;
+    this.utf8 = isUtf8(data);
+    this.payload = this.m!.string();
+    this.m = undefined;
   }
 
   ack(): void {

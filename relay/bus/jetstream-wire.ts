@@ -1,4 +1,5 @@
-// The relay's wire format on NATS: its subjects, the five headers every message carries, and the
+// The relay's wire format on NATS: its subjects, the five headers every message carries (and the
+// W3C trace context headers, traceparent and tracestate, when the publish had one), and the
 // JetStream ack subject. nats.js builds and parses headers generically (a Map of arrays, key
 // canonicalisation and value validation per header, one string split per message); both showed in
 // the relay's profile, so the relay encodes and reads its own.
@@ -11,10 +12,35 @@ import { handEncodedHeaders, type WireCodec } from "./nats-internals.js";
 export const SUBJECT_PREFIX = "uptrakit.push";
 export const SUBJECT_FILTER = `${SUBJECT_PREFIX}.>`;
 
+// A message's subject is uptrakit.push.<origin>.<kind>: the origin is in the subject so that NATS
+// itself can enforce it (each relay's user may publish on uptrakit.push.<own-id>.> only). These
+// two are the only places that know the layout.
+const PREFIX_DOT = `${SUBJECT_PREFIX}.`;
+
+/** The subject of a message of `kind` published by relay `origin` (both valid subject tokens). */
+export function subjectFor(origin: string, kind: string): string {
+  return `${PREFIX_DOT}${origin}.${kind}`;
+}
+
+/**
+ * (origin, kind) from a subject, or undefined when it is not uptrakit.push.<origin>.<kind> with two
+ * non-empty tokens. The tokens themselves are the inbound policy's to judge.
+ */
+export function parseSubject(subject: string): { origin: string; kind: string } | undefined {
+  if (!subject.startsWith(PREFIX_DOT)) return undefined;
+  const start = PREFIX_DOT.length;
+  const dot = subject.indexOf(".", start);
+  if (dot <= start || dot === subject.length - 1 || subject.indexOf(".", dot + 1) >= 0) return undefined;
+  return { origin: subject.slice(start, dot), kind: subject.slice(dot + 1) };
+}
+
 const HDR_ORIGIN = "Uptrakit-Origin";
 const HDR_ID = "Uptrakit-Id";
 const HDR_KIND = "Uptrakit-Kind";
 const HDR_PUBLISHED_AT = "Uptrakit-Published-At";
+// The W3C names, as OpenTelemetry's propagators use them on NATS: other tools can follow them too.
+const HDR_TRACEPARENT = "traceparent";
+const HDR_TRACESTATE = "tracestate";
 
 const CR_OR_LF = /[\r\n]/;
 
@@ -33,13 +59,19 @@ export function publishHeaders(msg: BusMessage, encoded?: (bytes: Uint8Array) =>
     h.set(HDR_KIND, msg.kind);
     h.set(HDR_PUBLISHED_AT, msg.publishedAt);
     h.set("Nats-Msg-Id", `${msg.origin}:${id}`);
+    if (msg.traceparent !== undefined) h.set(HDR_TRACEPARENT, msg.traceparent);
+    if (msg.tracestate !== undefined) h.set(HDR_TRACESTATE, msg.tracestate);
     return h;
   }
   // The wire format of MsgHdrsImpl.encode(): values trimmed, as it trims them.
   const origin = msg.origin.trim();
   const text =
     `NATS/1.0\r\n${HDR_ORIGIN}: ${origin}\r\n${HDR_ID}: ${id}\r\n${HDR_KIND}: ${msg.kind.trim()}\r\n` +
-    `${HDR_PUBLISHED_AT}: ${msg.publishedAt.trim()}\r\nNats-Msg-Id: ${origin}:${id}\r\n\r\n`;
+    `${HDR_PUBLISHED_AT}: ${msg.publishedAt.trim()}\r\nNats-Msg-Id: ${origin}:${id}\r\n` +
+    // Validated W3C values: printable ASCII, never CR or LF.
+    (msg.traceparent === undefined ? "" : `${HDR_TRACEPARENT}: ${msg.traceparent.trim()}\r\n`) +
+    (msg.tracestate === undefined ? "" : `${HDR_TRACESTATE}: ${msg.tracestate.trim()}\r\n`) +
+    "\r\n";
   return encoded(Buffer.from(text)) ?? publishHeaders(msg);
 }
 
@@ -49,7 +81,13 @@ interface RelayHeaders {
   kind: string;
   publishedAt: string;
   msgId: string;
+  /** The first relay header that was given more than once ("" when none was): a forgery sign. */
+  duplicated: string;
+  traceparent: string;
+  tracestate: string;
 }
+
+const RELAY_KEYS = [HDR_ORIGIN, HDR_ID, HDR_KIND, HDR_PUBLISHED_AT] as const;
 
 /**
  * The relay's headers of a delivered message ("" when absent), with the semantics of nats.js's
@@ -57,7 +95,7 @@ interface RelayHeaders {
  * header block when given (the header-read fast path, relay/bus/nats-internals.ts), else m.headers.
  */
 export function readHeaders(m: Pick<JsMsg, "headers">, block?: Uint8Array): RelayHeaders {
-  const out: RelayHeaders = { origin: "", id: "", kind: "", publishedAt: "", msgId: "" };
+  const out: RelayHeaders = { origin: "", id: "", kind: "", publishedAt: "", msgId: "", duplicated: "", traceparent: "", tracestate: "" };
   if (block === undefined) {
     const h = m.headers;
     if (h) {
@@ -66,6 +104,9 @@ export function readHeaders(m: Pick<JsMsg, "headers">, block?: Uint8Array): Rela
       out.kind = h.get(HDR_KIND);
       out.publishedAt = h.get(HDR_PUBLISHED_AT);
       out.msgId = h.get("Nats-Msg-Id");
+      out.duplicated = RELAY_KEYS.find((k) => h.values(k).length > 1) ?? "";
+      out.traceparent = h.get(HDR_TRACEPARENT);
+      out.tracestate = h.get(HDR_TRACESTATE);
     }
     return out;
   }
@@ -88,9 +129,13 @@ export function readHeaders(m: Pick<JsMsg, "headers">, block?: Uint8Array): Rela
       else if (key === HDR_KIND) (field = "kind"), (bit = 4);
       else if (key === HDR_PUBLISHED_AT) (field = "publishedAt"), (bit = 8);
       else if (key === "Nats-Msg-Id") (field = "msgId"), (bit = 16);
-      if (field !== undefined && (seen & bit) === 0) {
-        seen |= bit;
-        out[field] = text.slice(colon + 1, end).trim();
+      else if (key === HDR_TRACEPARENT) (field = "traceparent"), (bit = 32);
+      else if (key === HDR_TRACESTATE) (field = "tracestate"), (bit = 64);
+      if (field !== undefined) {
+        if ((seen & bit) === 0) {
+          seen |= bit;
+          out[field] = text.slice(colon + 1, end).trim();
+        } else if (bit <= 8 && out.duplicated === "") out.duplicated = key; // a relay header twice
       }
     }
     pos = end + 2;
@@ -144,4 +189,7 @@ const CHECK_SAMPLE: BusMessage = {
   origin: "fast-path-check",
   publishedAt: "2026-01-01T00:00:00.000Z",
   payloadJson: "{}",
+  // The optional headers too, so the check covers every header the relay writes.
+  traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+  tracestate: "congo=t61rcWkgMzE",
 };

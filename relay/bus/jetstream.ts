@@ -51,7 +51,7 @@ import {
   type StreamInfo,
 } from "./bus.js";
 import { JsInbound, type Settler } from "./jetstream-inbound.js";
-import { SUBJECT_FILTER, SUBJECT_PREFIX, ackInfo, publishHeaders, readHeaders, wireCodec } from "./jetstream-wire.js";
+import { SUBJECT_FILTER, ackInfo, publishHeaders, readHeaders, subjectFor, wireCodec } from "./jetstream-wire.js";
 import { NatsFastPaths } from "./nats-internals.js";
 
 export type JetStreamBusOptions = BusSettings & {
@@ -111,6 +111,8 @@ interface PendingAck {
   reject(err: Error): void;
   /** Date.now() after which the publish is reported unavailable. */
   deadline: number;
+  /** Where it was published: a permissions violation names only the subject (see onPermissionViolation). */
+  subject: string;
 }
 
 /** How often unanswered publishes are checked against their deadline. */
@@ -190,7 +192,9 @@ export class JetStreamBus implements Bus {
       await Promise.race([run(), deadline]);
     } catch (err) {
       await this.abandon();
-      throw err instanceof BusStartError ? err : new BusStartError(`NATS at ${this.where}: ${step} failed: ${describe(err)}`, { cause: err });
+      if (err instanceof BusStartError) throw err;
+      const hint = isPermissionViolation(err) ? " (this relay's NATS user lacks that permission: see deploy/nats/least-privilege.conf for what a relay needs)" : "";
+      throw new BusStartError(`NATS at ${this.where}: ${step} failed: ${describe(err)}${hint}`, { cause: err });
     } finally {
       clearTimeout(timer);
     }
@@ -423,7 +427,8 @@ export class JetStreamBus implements Bus {
             this.log.warn({ server: s.server }, "NATS server entering lame duck mode");
             break;
           case "error":
-            this.log.warn({ err: describe(s.error) }, "NATS connection error");
+            if (s.error instanceof natsErrors.PermissionViolationError) this.onPermissionViolation(s.error);
+            else this.log.warn({ err: describe(s.error) }, "NATS connection error");
             break;
           case "close":
             this.setStatus({ state: "closed", reason: "connection closed" });
@@ -480,11 +485,12 @@ export class JetStreamBus implements Bus {
       );
     const h = publishHeaders(msg, this.fast.on("header-encode") ? this.encodeHeaders : undefined);
     const token = (this.ackSeq++).toString(36);
+    const subject = subjectFor(msg.origin, msg.kind);
     return new Promise<PublishResult>((resolve, reject) => {
-      this.pendingAcks.set(token, { resolve, reject, deadline: Date.now() + PUBLISH_TIMEOUT_MS });
+      this.pendingAcks.set(token, { resolve, reject, deadline: Date.now() + PUBLISH_TIMEOUT_MS, subject });
       this.corkNats();
       try {
-        nc.publish(`${SUBJECT_PREFIX}.${msg.kind}`, Buffer.from(msg.payloadJson), { headers: h, reply: `${this.ackPrefix}.${token}` });
+        nc.publish(subject, Buffer.from(msg.payloadJson), { headers: h, reply: `${this.ackPrefix}.${token}` });
       } catch (err) {
         this.pendingAcks.delete(token);
         reject(
@@ -531,6 +537,29 @@ export class JetStreamBus implements Bus {
       return;
     }
     p.resolve({ duplicate: ack.duplicate === true });
+  }
+
+  /**
+   * The server refused something this connection did (its user lacks the permission). For a
+   * publish the server drops the message and says so on the connection, naming the subject only:
+   * it processes a connection's publishes in order, so the violation belongs to the oldest
+   * publish still waiting on that subject. That one is refused for good, with the permission in
+   * the message, rather than timing out as unavailable and queueing for ever.
+   */
+  private onPermissionViolation(err: InstanceType<typeof natsErrors.PermissionViolationError>): void {
+    this.log.error({ operation: err.operation, subject: err.subject }, "NATS refused an operation: permissions violation (see the NATS user's permissions)");
+    if (err.operation !== "publish") return;
+    for (const [token, p] of this.pendingAcks) {
+      if (p.subject !== err.subject) continue;
+      this.pendingAcks.delete(token);
+      if (this.pendingAcks.size === 0) this.stopAckSweep();
+      p.reject(
+        new Error(
+          `NATS refused the publish: permissions violation for publish to "${err.subject}" (this relay's NATS user may not publish on it; a relay's user needs publish permission on uptrakit.push.<its --instance-id>.>)`,
+        ),
+      );
+      return;
+    }
   }
 
   /** Fails publishes whose PubAck is overdue; pendingAcks is in deadline order. */
@@ -976,8 +1005,16 @@ function isNotEnabled(err: unknown): boolean {
   return err instanceof Error && (err.name === "JetStreamNotEnabled" || /jetstream (is )?not enabled/i.test(err.message));
 }
 
+/** The server refused this user the operation (its permissions): never transient. */
+function isPermissionViolation(err: unknown): boolean {
+  for (let e = err, depth = 0; e instanceof Error && depth < 4; e = e.cause, depth++)
+    if (e instanceof natsErrors.PermissionViolationError || /permissions violation/i.test(e.message)) return true;
+  return false;
+}
+
 /** Errors that mean "JetStream cannot answer right now", not "the request is wrong". */
 function isTransient(err: unknown): boolean {
+  if (isPermissionViolation(err)) return false;
   if (err instanceof natsErrors.TimeoutError) return true;
   if (err instanceof natsErrors.RequestError) return true;
   if (err instanceof natsErrors.ClosedConnectionError || err instanceof natsErrors.DrainingConnectionError) return true;

@@ -13,6 +13,8 @@ CREATE TABLE IF NOT EXISTS bus_messages (
   published_at TEXT NOT NULL,
   payload TEXT NOT NULL,
   stored_at INTEGER NOT NULL,
+  traceparent TEXT,
+  tracestate TEXT,
   UNIQUE (stream, origin, id)
 );
 CREATE INDEX IF NOT EXISTS bus_messages_stream_seq ON bus_messages (stream, seq);
@@ -35,6 +37,15 @@ CREATE TABLE IF NOT EXISTS bus_deliveries (
 ) WITHOUT ROWID;
 `;
 
+/**
+ * Brings a bus file made by an older relay up to SCHEMA (inside the same transaction as SCHEMA):
+ * columns added since are nullable, so older relays sharing the file keep working with it.
+ */
+export function migrate(db: Database.Database): void {
+  const have = new Set((db.pragma("table_info(bus_messages)") as Array<{ name: string }>).map((c) => c.name));
+  for (const column of ["traceparent", "tracestate"]) if (!have.has(column)) db.exec(`ALTER TABLE bus_messages ADD COLUMN ${column} TEXT`);
+}
+
 export interface MessageRow {
   seq: number;
   origin: string;
@@ -42,6 +53,8 @@ export interface MessageRow {
   kind: string;
   published_at: string;
   payload: string;
+  traceparent: string | null;
+  tracestate: string | null;
 }
 export interface DeliveryRow extends MessageRow {
   delivered: number;
@@ -62,7 +75,7 @@ export function prepareStatements(db: Database.Database) {
     msgDelete: db.prepare("DELETE FROM bus_messages WHERE seq = ?"),
     deliveriesOfSeq: db.prepare("DELETE FROM bus_deliveries WHERE stream = ? AND seq = ?"),
     msgInsert: db.prepare(
-      "INSERT INTO bus_messages (stream, origin, id, kind, published_at, payload, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+      "INSERT INTO bus_messages (stream, origin, id, kind, published_at, payload, stored_at, traceparent, tracestate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     ),
     consumerCreate: db.prepare(
       `INSERT OR IGNORE INTO bus_consumers (stream, name, cursor, created_at, last_active)
@@ -82,7 +95,7 @@ export function prepareStatements(db: Database.Database) {
       "DELETE FROM bus_deliveries WHERE stream = ? AND consumer = ? AND visible_at <= ? AND delivered >= ?",
     ),
     due: db.prepare(
-      `SELECT m.seq, m.origin, m.id, m.kind, m.published_at, m.payload, d.delivered
+      `SELECT m.seq, m.origin, m.id, m.kind, m.published_at, m.payload, m.traceparent, m.tracestate, d.delivered
        FROM bus_deliveries d JOIN bus_messages m ON m.seq = d.seq
        WHERE d.stream = ? AND d.consumer = ? AND d.visible_at <= ? ORDER BY d.seq`,
     ),
@@ -91,7 +104,7 @@ export function prepareStatements(db: Database.Database) {
     ),
     inflight: db.prepare("SELECT count(*) FROM bus_deliveries WHERE stream = ? AND consumer = ?").pluck(),
     fresh: db.prepare(
-      `SELECT seq, origin, id, kind, published_at, payload, 0 AS delivered
+      `SELECT seq, origin, id, kind, published_at, payload, traceparent, tracestate, 0 AS delivered
        FROM bus_messages WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?`,
     ),
     deliver: db.prepare(

@@ -54,7 +54,7 @@ import {
   type StreamInfo,
 } from "./bus.js";
 import type { Logger } from "../log.js";
-import { SCHEMA, prepareStatements, type CheckRow, type DeliveryRow, type SettleKind, type Statements } from "./sqlite-schema.js";
+import { SCHEMA, migrate, prepareStatements, type CheckRow, type DeliveryRow, type SettleKind, type Statements } from "./sqlite-schema.js";
 
 /** Like JetStream's duplicate_window. */
 export const DUPLICATE_WINDOW_MS = 2 * 60 * 1000;
@@ -199,7 +199,10 @@ export class SqliteBus implements Bus {
         const mode = db.pragma("journal_mode = WAL", { simple: true });
         if (String(mode).toLowerCase() !== "wal") fail(`cannot switch it to WAL mode (journal mode stays ${String(mode)})`);
         db.pragma("synchronous = NORMAL");
-        db.transaction(() => db!.exec(SCHEMA)).immediate();
+        db.transaction(() => {
+          db!.exec(SCHEMA);
+          migrate(db!);
+        }).immediate();
         // A bus that opens but is damaged would lose messages later: find out now.
         const check = db.pragma("quick_check", { simple: true });
         if (check !== "ok") fail(`the integrity check says: ${String(check)} (move the file away to start afresh)`);
@@ -278,7 +281,7 @@ export class SqliteBus implements Bus {
         st.deliveriesOfSeq.run(stream, held.seq);
         st.msgDelete.run(held.seq);
       }
-      st.msgInsert.run(stream, m.origin, m.id, m.kind, m.publishedAt, m.payloadJson, now);
+      st.msgInsert.run(stream, m.origin, m.id, m.kind, m.publishedAt, m.payloadJson, now, m.traceparent ?? null, m.tracestate ?? null);
       return { duplicate: false };
     };
     const publish = db.transaction((batch: BusMessage[], now: number): PublishResult[] => batch.map((m) => publishOne(m, now)));
@@ -567,6 +570,8 @@ export class SqliteBus implements Bus {
       origin: row.origin,
       publishedAt: row.published_at,
       payloadJson: row.payload,
+      traceparent: row.traceparent ?? undefined,
+      tracestate: row.tracestate ?? undefined,
       attempt,
       seq,
       ack: () => settle("ack"),

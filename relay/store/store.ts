@@ -49,31 +49,56 @@ const SCHEMA = `
 CREATE TABLE IF NOT EXISTS outbox (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
   id TEXT NOT NULL, kind TEXT NOT NULL, origin TEXT NOT NULL,
-  published_at TEXT NOT NULL, payload TEXT NOT NULL
+  published_at TEXT NOT NULL, payload TEXT NOT NULL,
+  traceparent TEXT, tracestate TEXT
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
   id TEXT NOT NULL, kind TEXT NOT NULL, origin TEXT NOT NULL,
   published_at TEXT NOT NULL, payload TEXT NOT NULL,
   attempts INTEGER NOT NULL, reason TEXT NOT NULL, dead_at TEXT NOT NULL,
-  replay_requested INTEGER NOT NULL DEFAULT 0
+  replay_requested INTEGER NOT NULL DEFAULT 0,
+  traceparent TEXT, tracestate TEXT
 );
 CREATE INDEX IF NOT EXISTS dead_letters_id ON dead_letters(id);
 `;
 
+/** Columns added after the first release: a store from an older relay gets them on open. */
+const ADDED_COLUMNS: Array<[table: string, column: string]> = [
+  ["outbox", "traceparent"], ["outbox", "tracestate"], ["dead_letters", "traceparent"], ["dead_letters", "tracestate"],
+];
+
+function migrate(db: Database.Database): void {
+  for (const [table, column] of ADDED_COLUMNS) {
+    const have = (db.pragma(`table_info(${table})`) as Array<{ name: string }>).some((c) => c.name === column);
+    if (!have) db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} TEXT`);
+  }
+}
+
 interface DeadRow {
   seq: number; id: string; kind: string; origin: string; published_at: string; payload: string;
   attempts: number; reason: string; dead_at: string; replay_requested: number;
+  traceparent: string | null; tracestate: string | null;
 }
-interface OutboxRow { seq: number; id: string; kind: string; origin: string; published_at: string; payload: string }
+interface OutboxRow {
+  seq: number; id: string; kind: string; origin: string; published_at: string; payload: string;
+  traceparent: string | null; tracestate: string | null;
+}
 
 const toDeadLetter = (r: DeadRow): DeadLetter => ({
   seq: r.seq, id: r.id, kind: r.kind, origin: r.origin, publishedAt: r.published_at, payloadJson: r.payload,
   attempts: r.attempts, reason: r.reason, deadAt: r.dead_at, replayRequested: r.replay_requested === 1,
+  ...traceOf(r),
 });
 const toOutboxEntry = (r: OutboxRow): OutboxEntry => ({
   seq: r.seq, id: r.id, kind: r.kind, origin: r.origin, publishedAt: r.published_at, payloadJson: r.payload,
+  ...traceOf(r),
 });
+
+function traceOf(r: { traceparent: string | null; tracestate: string | null }): Pick<BusMessage, "traceparent" | "tracestate"> {
+  if (r.traceparent === null) return {};
+  return r.tracestate === null ? { traceparent: r.traceparent } : { traceparent: r.traceparent, tracestate: r.tracestate };
+}
 
 export class RelayStore {
   readonly file: string;
@@ -86,15 +111,15 @@ export class RelayStore {
     this.db = db;
     this.committer = new GroupCommitter(db, onBusy);
     this.stmts = {
-      outboxAdd: db.prepare("INSERT INTO outbox (id, kind, origin, published_at, payload) VALUES (?, ?, ?, ?, ?)"),
+      outboxAdd: db.prepare("INSERT INTO outbox (id, kind, origin, published_at, payload, traceparent, tracestate) VALUES (?, ?, ?, ?, ?, ?, ?)"),
       outboxHead: db.prepare("SELECT * FROM outbox ORDER BY seq LIMIT ?"),
       outboxRemove: db.prepare("DELETE FROM outbox WHERE seq = ?"),
       outboxCount: db.prepare("SELECT count(*) AS n FROM outbox"),
       // The same message (origin, id, publishedAt) is recorded once: a relay that crashed between
       // writing a dead letter and settling it meets the message again after its restart.
       deadAdd: db.prepare(
-        `INSERT INTO dead_letters (id, kind, origin, published_at, payload, attempts, reason, dead_at)
-         SELECT $id, $kind, $origin, $publishedAt, $payload, $attempts, $reason, $deadAt
+        `INSERT INTO dead_letters (id, kind, origin, published_at, payload, attempts, reason, dead_at, traceparent, tracestate)
+         SELECT $id, $kind, $origin, $publishedAt, $payload, $attempts, $reason, $deadAt, $traceparent, $tracestate
          WHERE NOT EXISTS (SELECT 1 FROM dead_letters WHERE id = $id AND origin = $origin AND published_at = $publishedAt AND replay_requested = 0)`,
       ),
       deadAll: db.prepare("SELECT * FROM dead_letters ORDER BY seq"),
@@ -102,7 +127,8 @@ export class RelayStore {
       deadRequestReplay: db.prepare("UPDATE dead_letters SET replay_requested = 1 WHERE id = ? OR CAST(seq AS TEXT) = ?"),
       deadRemove: db.prepare("DELETE FROM dead_letters WHERE seq = ?"),
       deadToOutbox: db.prepare(
-        "INSERT INTO outbox (id, kind, origin, published_at, payload) SELECT id, kind, origin, published_at, payload FROM dead_letters WHERE seq = ?",
+        `INSERT INTO outbox (id, kind, origin, published_at, payload, traceparent, tracestate)
+         SELECT id, kind, origin, published_at, payload, traceparent, tracestate FROM dead_letters WHERE seq = ?`,
       ),
       deadReturn: db.prepare("UPDATE dead_letters SET replay_requested = 0, attempts = attempts + ?, reason = ?, dead_at = ? WHERE seq = ?"),
       deadPurgeAll: db.prepare("DELETE FROM dead_letters"),
@@ -125,6 +151,7 @@ export class RelayStore {
       db.pragma("journal_mode = WAL");
       db.pragma("synchronous = FULL");
       db.exec(SCHEMA);
+      migrate(db);
       // A store that opens but is damaged would lose what it holds later: find out now.
       const check = db.pragma("quick_check", { simple: true });
       if (check !== "ok") throw new Error(`integrity check says: ${String(check)}`);
@@ -139,7 +166,7 @@ export class RelayStore {
 
   /** Queues a publish; resolves once it is fsynced. */
   enqueue(m: BusMessage): Promise<void> {
-    return this.committer.write(() => this.stmts.outboxAdd.run(m.id, m.kind, m.origin, m.publishedAt, m.payloadJson));
+    return this.committer.write(() => this.stmts.outboxAdd.run(m.id, m.kind, m.origin, m.publishedAt, m.payloadJson, m.traceparent ?? null, m.tracestate ?? null));
   }
 
   outboxHead(limit: number): OutboxEntry[] {
@@ -176,6 +203,7 @@ export class RelayStore {
     this.stmts.deadAdd.run({
       id: m.id, kind: m.kind, origin: m.origin, publishedAt: m.publishedAt, payload: m.payloadJson,
       attempts, reason, deadAt: new Date().toISOString(),
+      traceparent: m.traceparent ?? null, tracestate: m.tracestate ?? null,
     });
   }
 
