@@ -536,33 +536,40 @@ async function benchCold(nats: NatsServer, jsm: JetStreamManager): Promise<Recor
   const seconds = o.duration ?? 10;
   const n = Math.max(1, Math.round(settings.rate * seconds));
   const out: Record<string, unknown> = {};
-  const rounds: Record<string, Array<{ p50: number; p99: number; max: number; perSecondP99: number[] }>> = {};
+  const rounds: Record<string, Array<{ p50: number; p99: number; max: number; perSecondP99: number[]; startCpuS: number; cpuUsPerMsg: number }>> = {};
   for (let round = 1; round <= settings.rounds; round++)
     for (const p of settings.paths) {
       log(`cold ${seconds} s at ${settings.rate} msg/s, round ${round}/${settings.rounds}: ${p} ...`);
       const rig = await startRig(p, nats, jsm, `c${round}${p.replace(/[^A-Za-z0-9]/g, "").slice(0, 20)}`);
       try {
+        // The relays' CPU (JetStream, SQLite) or the direct clients' (direct): start-up, then per message.
+        const pids = rig.relays.length ? rig.relays.map((r) => r.pid) : [rig.pub.pid, rig.sub.pid];
+        const cpu0 = cpuOf(pids);
         const { recv } = await transfer(rig, n, { rate: settings.rate }, true, seconds * 1000 + 60_000);
+        const cpuUsPerMsg = round2(((cpuOf(pids) - cpu0) * 1e6) / n, 1);
         const lat = recv.lat ?? [];
         const all = Float64Array.from(lat).sort();
         // Message s was published about s / rate seconds after the start: one bucket per second.
         const perSecondP99: number[] = [];
         for (let i = 0; i * settings.rate < lat.length; i++)
           perSecondP99.push(round2(percentile(Float64Array.from(lat.slice(i * settings.rate, (i + 1) * settings.rate)).sort(), 0.99)));
-        const r = { p50: round2(percentile(all, 0.5)), p99: round2(percentile(all, 0.99)), max: round2(all[all.length - 1] ?? NaN), perSecondP99 };
+        const r = { p50: round2(percentile(all, 0.5)), p99: round2(percentile(all, 0.99)), max: round2(all[all.length - 1] ?? NaN), perSecondP99, startCpuS: round2(cpu0, 2), cpuUsPerMsg };
         (rounds[p] ??= []).push(r);
-        log(`  ${p}: p50 ${r.p50}  p99 ${r.p99}  max ${r.max} ms; p99 by second: ${perSecondP99.join(" ")}`);
+        log(`  ${p}: p50 ${r.p50}  p99 ${r.p99}  max ${r.max} ms; p99 by second: ${perSecondP99.join(" ")}; CPU at start ${r.startCpuS} s, then ${cpuUsPerMsg} µs/msg`);
       } finally {
         await rig.stop();
       }
     }
   process.stdout.write(`\nfirst ${seconds} s of fresh relays at ${settings.rate} msg/s, no warm-up (ms; medians of ${settings.rounds} round${settings.rounds === 1 ? "" : "s"}, worst in brackets):\n`);
   for (const [p, rs] of Object.entries(rounds)) {
-    const m = (k: "p50" | "p99" | "max"): number => median(rs.map((r) => r[k]));
+    const m = (k: "p50" | "p99" | "max" | "startCpuS" | "cpuUsPerMsg"): number => median(rs.map((r) => r[k]));
     const w = (k: "p50" | "p99" | "max"): number => Math.max(...rs.map((r) => r[k]));
     const perSecond = rs[0]!.perSecondP99.map((_, i) => round2(median(rs.map((r) => r.perSecondP99[i] ?? NaN))));
-    out[p] = { p50: round2(m("p50")), p99: round2(m("p99")), max: round2(m("max")), worstP99: round2(w("p99")), perSecondP99: perSecond };
-    process.stdout.write(`  ${p.padEnd(10)} p50 ${m("p50").toFixed(3)}  p99 ${m("p99").toFixed(3)} [${w("p99").toFixed(3)}]  max ${m("max").toFixed(3)}  p99 by second: ${perSecond.join(" ")}\n`);
+    out[p] = { p50: round2(m("p50")), p99: round2(m("p99")), max: round2(m("max")), worstP99: round2(w("p99")), perSecondP99: perSecond, startCpuS: m("startCpuS"), cpuUsPerMsg: m("cpuUsPerMsg") };
+    process.stdout.write(
+      `  ${p.padEnd(10)} p50 ${m("p50").toFixed(3)}  p99 ${m("p99").toFixed(3)} [${w("p99").toFixed(3)}]  max ${m("max").toFixed(3)}  p99 by second: ${perSecond.join(" ")}` +
+        `  CPU ${m("cpuUsPerMsg").toFixed(1)} µs/msg (${p === "direct" ? "clients" : "relays"}; start-up ${m("startCpuS").toFixed(2)} s)\n`,
+    );
   }
   return { cold: { seconds, rate: settings.rate, ...out, rounds } };
 }
