@@ -17,7 +17,8 @@ export interface Settler {
 }
 
 // The JetStream ack protocol, as nats.js's JsMsg sends it.
-const ACK = Buffer.from("+ACK");
+/** Exported: the bus batches acks (relay/bus/ack-batcher.ts), the other settles go at once. */
+export const ACK = Buffer.from("+ACK");
 const NAK = Buffer.from("-NAK");
 const WPI = Buffer.from("+WPI");
 const TERM = Buffer.from("+TERM");
@@ -114,7 +115,8 @@ export class JsInbound implements InboundMessage {
   private settle(what: "ack" | "nak" | "working" | "term", delayMs = 0): void {
     if (this.settled) return;
     if (what !== "working") this.settled = true;
-    this.settler.cork();
+    // A direct ack waits in the bus's batch (no cork needed this turn); the rest go out now.
+    if (what !== "ack" || this.legacy) this.settler.cork();
     try {
       const legacy = this.legacy;
       if (legacy) {
