@@ -17,8 +17,7 @@ export interface Settler {
 }
 
 // The JetStream ack protocol, as nats.js's JsMsg sends it.
-/** Exported: the bus batches acks (relay/bus/ack-batcher.ts), the other settles go at once. */
-export const ACK = Buffer.from("+ACK");
+const ACK = Buffer.from("+ACK");
 const NAK = Buffer.from("-NAK");
 const WPI = Buffer.from("+WPI");
 const TERM = Buffer.from("+TERM");
@@ -115,8 +114,7 @@ export class JsInbound implements InboundMessage {
   private settle(what: "ack" | "nak" | "working" | "term", delayMs = 0): void {
     if (this.settled) return;
     if (what !== "working") this.settled = true;
-    // A direct ack waits in the bus's batch (no cork needed this turn); the rest go out now.
-    if (what !== "ack" || this.legacy) this.settler.cork();
+    this.settler.cork();
     try {
       const legacy = this.legacy;
       if (legacy) {

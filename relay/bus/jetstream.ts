@@ -50,8 +50,7 @@ import {
   type PublishResult,
   type StreamInfo,
 } from "./bus.js";
-import { ACK, JsInbound, type Settler } from "./jetstream-inbound.js";
-import { AckBatcher } from "./ack-batcher.js";
+import { JsInbound, type Settler } from "./jetstream-inbound.js";
 import { SUBJECT_FILTER, ackInfo, publishHeaders, readHeaders, subjectFor, wireCodec } from "./jetstream-wire.js";
 import { NatsFastPaths } from "./nats-internals.js";
 
@@ -115,10 +114,6 @@ interface PendingAck {
   /** Where it was published: a permissions violation names only the subject (see onPermissionViolation). */
   subject: string;
 }
-
-/** Acks wait this long for company, at most this many (relay/bus/ack-batcher.ts). */
-const ACK_BATCH_MS = 5;
-const ACK_BATCH_MAX = 32;
 
 /** How often unanswered publishes are checked against their deadline. */
 const ACK_SWEEP_MS = 100;
@@ -494,7 +489,6 @@ export class JetStreamBus implements Bus {
     return new Promise<PublishResult>((resolve, reject) => {
       this.pendingAcks.set(token, { resolve, reject, deadline: Date.now() + PUBLISH_TIMEOUT_MS, subject });
       this.corkNats();
-      this.acks.flush(); // waiting acks go out in the same write
       try {
         nc.publish(subject, Buffer.from(msg.payloadJson), { headers: h, reply: `${this.ackPrefix}.${token}` });
       } catch (err) {
@@ -847,25 +841,12 @@ export class JetStreamBus implements Bus {
   private readonly readBlock = (block: Uint8Array): Record<string, string> => ({ ...readHeaders({ headers: undefined }, block) });
   private readonly readPublic = (h: MsgHdrs | undefined): Record<string, string> => ({ ...readHeaders({ headers: h }) });
 
-  private readonly acks = new AckBatcher({
-    delayMs: ACK_BATCH_MS,
-    max: ACK_BATCH_MAX,
-    send: (reply) => {
-      if (!this.nc) throw new Error("not connected");
-      this.corkNats(); // a batch leaves in one write
-      this.nc.publish(reply, ACK);
-    },
-    failed: (err, reply) => this.settler.failed(err, ackInfo(reply)?.streamSequence ?? -1, "ack"),
-  });
-
   /** What a JsInbound needs to settle: cork the socket for the batch, log a failed settle. */
   private readonly settler: Settler = {
     headerBlock: (m) => this.fast.headerBlock(m),
     reply: (m) => this.fast.reply(m),
     cork: () => this.corkNats(),
     respond: (reply, data) => {
-      if (data === ACK) return this.acks.add(reply);
-      this.acks.flush();
       if (!this.nc) throw new Error("not connected");
       this.nc.publish(reply, data);
     },
@@ -967,7 +948,6 @@ export class JetStreamBus implements Bus {
       await e.done;
     }));
     this.runs.clear();
-    this.acks.flush();
     const nc = this.nc;
     if (nc && !nc.isClosed()) {
       // drain() flushes pending acks. With the server away there is nothing to flush to, and a
