@@ -584,7 +584,7 @@ function fanoutOptions(k: number): Parameters<typeof benchFanout>[2] {
     // --rate is per controller here; its default (1000, for the latency run) does not apply.
     rate: program.getOptionValueSource("rate") === "default" ? defaultFanoutRate(k) : settings.rate,
     durationS: settings.durationS,
-    warmupS: quick ? 0.5 : 1,
+    warmupS: quick ? 0.5 : 2,
     size: settings.size,
     rounds: settings.rounds,
     paths,
