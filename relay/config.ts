@@ -43,6 +43,7 @@ export interface RelayConfig {
   maxFrameBytes: number;
   outboxMax: number;
   drainTimeoutMs: number;
+  readiness: Readiness;
   logLevel: string;
   natsAuth: NatsAuth;
   /** false: the JetStream bus uses nats.js's public API only (relay/bus/nats-internals.ts). */
@@ -105,6 +106,10 @@ function streamName(value: string): string {
     throw new InvalidArgumentError("expected 1-64 characters of letters, digits, '_' or '-'");
   return value;
 }
+
+/** What /readyz answers while the bus is down (see relay/readiness.ts). */
+export type Readiness = "degraded" | "strict";
+const READINESS_MODES: readonly Readiness[] = ["degraded", "strict"];
 
 const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"];
 
@@ -194,7 +199,7 @@ const OPTIONS = {
   listen: option({
     flags: "--listen <host:port>",
     env: "UPTRAKIT_RELAY_LISTEN",
-    help: "the controller-facing server (`/ws`, `/healthz`, `/readyz`, `/metrics`)",
+    help: "the controller-facing server (`/ws`, `/healthz`, `/readyz`, `/metrics`, and the status page `/` with `/status.json`)",
     parse: listen,
     default: { host: "127.0.0.1", port: 4380 },
     defaultText: "`127.0.0.1:4380`",
@@ -210,7 +215,7 @@ const OPTIONS = {
   token: option({
     flags: "--token <secret>",
     env: "UPTRAKIT_RELAY_TOKEN",
-    help: "require `Authorization: Bearer <secret>` on the WebSocket upgrade (else HTTP 401)",
+    help: "require `Authorization: Bearer <secret>` on the WebSocket upgrade (else HTTP 401) and for the status page (`/`, `/status.json`)",
     parse: text,
     runOnly: true,
   }),
@@ -303,6 +308,14 @@ const OPTIONS = {
     help: "on SIGTERM, how long to wait for in-flight deliveries to be acked, then for the outbox to reach the bus",
     parse: durationIn(0, 600_000),
     default: 10_000,
+    runOnly: true,
+  }),
+  readiness: option({
+    flags: "--readiness <mode>",
+    env: "UPTRAKIT_RELAY_READINESS",
+    help: "what `/readyz` says while the bus is down: `degraded` (200 with `\"status\":\"degraded\"` while publishes can still be taken into the outbox; 503 only when they cannot) or `strict` (503 whenever the bus is not connected); see deploy/README.md",
+    parse: (v: string) => oneOf(READINESS_MODES)(v) as Readiness,
+    default: "degraded" as Readiness,
     runOnly: true,
   }),
   logLevel: option({
@@ -432,6 +445,7 @@ export function toRelayConfig(given: Record<string, unknown>): RelayConfig {
     maxFrameBytes: o.maxFrameBytes,
     outboxMax: o.outboxMax,
     drainTimeoutMs: o.drainTimeout,
+    readiness: o.readiness,
     logLevel: o.logLevel,
     natsAuth: natsAuth(o),
     fastPaths: o.fastPaths !== "off",

@@ -14,6 +14,9 @@ import {
   type FrameError,
 } from "./protocol.js";
 import type { Logger } from "./log.js";
+import { readinessBody, type ReadinessReport } from "./readiness.js";
+import type { StatusSnapshot } from "./status.js";
+import { serveStatus } from "./status-page.js";
 
 export interface LocalServerOptions {
   host: string;
@@ -26,8 +29,10 @@ export interface LocalServerOptions {
 }
 
 export interface LocalServerHooks {
-  readiness(): { ready: boolean; reason?: string };
+  readiness(): ReadinessReport;
   metrics(): Promise<{ contentType: string; body: string }>;
+  /** The status page's data (GET /status.json). */
+  status(): Promise<StatusSnapshot>;
   sessionOpened(session: ControllerSession): void;
   sessionClosed(session: ControllerSession): void;
   frame(session: ControllerSession, frame: ClientFrame): void;
@@ -192,7 +197,7 @@ export class LocalServer {
         return json(200, { status: "ok" });
       case "/readyz": {
         const r = this.o.hooks.readiness();
-        return r.ready ? json(200, { status: "ready" }) : json(503, { status: "not ready", reason: r.reason });
+        return json(r.ready ? 200 : 503, readinessBody(r));
       }
       case "/metrics": {
         try {
@@ -206,7 +211,9 @@ export class LocalServer {
       case "/ws":
         return json(426, { error: "upgrade to a WebSocket" });
       default:
-        return json(404, { error: "not found", paths: ["/ws", "/healthz", "/readyz", "/metrics"] });
+        // The status page (/, /status.json), behind the token when one is set.
+        if (await serveStatus(req, res, { token: this.o.token, snapshot: () => this.o.hooks.status() })) return;
+        return json(404, { error: "not found", paths: ["/", "/status.json", "/ws", "/healthz", "/readyz", "/metrics"] });
     }
   }
 

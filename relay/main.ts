@@ -10,6 +10,10 @@ import { Relay } from "./relay.js";
 import { RelayStore } from "./store/store.js";
 import { createBus } from "./bus/create.js";
 import type { StreamInfo } from "./bus/bus.js";
+import { runDoctor } from "./doctor/doctor.js";
+import { readPeers } from "./doctor/peers-command.js";
+import { renderText } from "./doctor/report.js";
+import { formatPeersTable } from "./peers.js";
 
 const program = new Command("uptrakit-relay")
   .description("Sidecar relay: cross-instance push notifications for Uptrakit controllers over NATS JetStream or an embedded SQLite bus")
@@ -189,6 +193,48 @@ const stream = program.command("stream").description("inspect the stream and thi
 for (const cmd of [stream.command("info"), program.command("status")]) {
   addConnectionOptions(cmd.description("print the stream's and this instance's consumer state (read-only: creates and changes nothing)").option("--json", "print JSON")).action(printStreamInfo);
 }
+
+// ---- doctor, peers ----
+
+addConnectionOptions(
+  program
+    .command("doctor")
+    .description("check NATS, JetStream, the stream, this relay's consumer, permissions, peers, clocks and the data dir (read-only); exit 0 when all pass, 1 otherwise, 2 when it could not run")
+    .addOption(makeOption("outboxMax"))
+    .option("--json", "print the report as JSON")
+    // An invalid option is "could not run" (2), not a failed check (1).
+    .exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 2)),
+).action(async (opts: Record<string, unknown>) => {
+  let cfg: RelayConfig;
+  try {
+    cfg = toRelayConfig(opts);
+  } catch (err) {
+    process.stderr.write(`uptrakit-relay: ${redactCredentials((err as Error).message)}\n`);
+    process.exit(2);
+  }
+  try {
+    const report = await runDoctor(cfg, createLogger(cfg.logLevel === "info" ? "warn" : cfg.logLevel, cfg.instanceId));
+    process.stdout.write(redactCredentials(opts.json ? JSON.stringify(report, null, 2) + "\n" : renderText(report)));
+    process.exit(report.ok ? 0 : 1);
+  } catch (err) {
+    process.stderr.write(`uptrakit-relay: doctor could not finish: ${redactCredentials((err as Error).message)}\n`);
+    process.exit(2);
+  }
+});
+
+addConnectionOptions(
+  program.command("peers").description("print the other relays on this stream or bus file: last active, messages published in the retention window (read-only)").option("--json", "print JSON"),
+).action(async (opts: Record<string, unknown>) => {
+  const cfg = configOrFail(opts);
+  let peers;
+  try {
+    peers = await readPeers(cfg, createLogger(cfg.logLevel === "info" ? "warn" : cfg.logLevel, cfg.instanceId));
+  } catch (err) {
+    fail((err as Error).message);
+  }
+  process.stdout.write(opts.json ? JSON.stringify(peers, null, 2) + "\n" : formatPeersTable(peers));
+  process.exit(0);
+});
 
 await program.parseAsync(process.argv);
 

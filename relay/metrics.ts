@@ -50,6 +50,21 @@ export class RelayMetrics {
     help: "Publishes still in the outbox when the relay stopped (set during shutdown; they stay in the data dir)",
     registers: [this.registry],
   });
+  /** What /readyz would answer now; the relay sets it, the two gauges below read it at each scrape. */
+  readinessSource: () => { ready: boolean; degraded: boolean } = () => ({ ready: false, degraded: false });
+  readonly ready: Gauge = new Gauge({
+    name: "uptrakit_relay_ready",
+    help: "1 while /readyz answers 200 (ready, or degraded with --readiness degraded)",
+    registers: [this.registry],
+    collect: (): void => this.ready.set(this.readinessSource().ready ? 1 : 0),
+  });
+  readonly degraded: Gauge = new Gauge({
+    name: "uptrakit_relay_degraded",
+    help: "1 while the relay is ready but degraded (e.g. NATS down, publishes queued in the outbox); /readyz says why",
+    registers: [this.registry],
+    collect: (): void => this.degraded.set(this.readinessSource().degraded ? 1 : 0),
+  });
+  readonly outboxMax = new Gauge({ name: "uptrakit_relay_outbox_max", help: "The outbox's limit (--outbox-max): publishes beyond it are answered unavailable", registers: [this.registry] });
   readonly natsConnected = new Gauge({ name: "uptrakit_relay_nats_connected", help: "1 while the bus (NATS, or the embedded bus) is connected", registers: [this.registry] });
 
   /** 1 for each nats.js fast path's current state (relay/bus/nats-internals.ts), 0 for the others. */

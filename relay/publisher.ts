@@ -40,6 +40,8 @@ export class Publisher {
   /** Publishes that must queue, waiting for those direct ones to settle first (in arrival order). */
   private queuers: Array<() => void> = [];
   private waiting = 0;
+  /** Why the outbox cannot be written right now (the last write failed); undefined when it can. */
+  private _storeProblem: string | undefined;
 
   constructor(o: PublisherOptions) {
     this.o = o;
@@ -48,6 +50,11 @@ export class Publisher {
 
   get outboxDepth(): number {
     return this.depth;
+  }
+
+  /** Set while the last outbox write failed (readiness reports it). */
+  get storeProblem(): string | undefined {
+    return this._storeProblem;
   }
 
   async publish(msg: BusMessage): Promise<PublishOutcome> {
@@ -162,7 +169,9 @@ export class Publisher {
     this.o.metrics.outboxDepth.set(this.depth);
     try {
       await this.o.store.enqueue(msg);
+      this._storeProblem = undefined;
     } catch (err) {
+      this._storeProblem = `the relay store cannot be written: ${(err as Error).message}`;
       this.depth--;
       this.o.metrics.outboxDepth.set(this.depth);
       this.o.logger.error({ err: (err as Error).message, id: msg.id }, "could not write to the outbox");

@@ -15,6 +15,8 @@ import type { Logger } from "./log.js";
 import { RelayMetrics } from "./metrics.js";
 import { CLOSE_NORMAL, CLOSE_SUPERSEDED, publishedFrame, readyFrame, type ClientFrame, type FrameError, type PublishFrame } from "./protocol.js";
 import { Publisher } from "./publisher.js";
+import { readiness, type ReadinessReport } from "./readiness.js";
+import { StatusReporter } from "./status.js";
 import { ReplaySource } from "./replay.js";
 import { DAEMON_BUSY_TIMEOUT_MS, RelayStore } from "./store/store.js";
 
@@ -60,6 +62,8 @@ export class Relay {
   constructor(cfg: RelayConfig, logger: Logger) {
     this.cfg = cfg;
     this.log = logger;
+    this.metrics.outboxMax.set(cfg.outboxMax);
+    this.metrics.readinessSource = () => this.readiness();
   }
 
   get state(): RelayState {
@@ -137,6 +141,7 @@ export class Relay {
         hooks: {
           readiness: () => this.readiness(),
           metrics: async () => ({ contentType: this.metrics.registry.contentType, body: await this.metrics.registry.metrics() }),
+          status: () => this.statusReporter().snapshot(),
           sessionOpened: (s) => this.onSessionOpened(s),
           sessionClosed: (s) => this.onSessionClosed(s),
           frame: (s, f) => this.onFrame(s, f),
@@ -196,11 +201,35 @@ export class Relay {
     this.log.info({ outbox }, "relay stopped");
   }
 
-  readiness(): { ready: boolean; reason?: string } {
-    if (this._state !== "running") return { ready: false, reason: `relay is ${this._state}` };
-    const s = this.bus!.status();
-    if (s.state !== "connected") return { ready: false, reason: `bus ${this.bus!.name} is ${s.state}${s.reason ? `: ${s.reason}` : ""}` };
-    return { ready: true };
+  private reporter: StatusReporter | undefined;
+  /** The status page's data source, made on first use (the store and bus exist by then). */
+  private statusReporter(): StatusReporter {
+    this.reporter ??= new StatusReporter({
+      instanceId: this.cfg.instanceId,
+      stream: this.cfg.stream,
+      busName: this.bus!.name,
+      readinessMode: this.cfg.readiness,
+      bus: () => this.bus!.status(),
+      location: () => this.bus!.location(),
+      readiness: () => this.readiness(),
+      metrics: this.metrics,
+      deadLetters: (limit) => this.store!.deadLetterSummary(limit),
+      peers: () => this.bus!.peers(),
+    });
+    return this.reporter;
+  }
+
+  readiness(): ReadinessReport {
+    if (this._state !== "running") return { ready: false, degraded: false, reason: `relay is ${this._state}` };
+    return readiness({
+      mode: this.cfg.readiness,
+      state: this._state,
+      busName: this.bus!.name,
+      bus: this.bus!.status(),
+      outboxDepth: this.publisher!.outboxDepth,
+      outboxMax: this.cfg.outboxMax,
+      storeProblem: this.publisher!.storeProblem,
+    });
   }
 
   // ---- controller session ----

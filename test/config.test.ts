@@ -82,6 +82,7 @@ const EXISTING: Array<[string, string]> = [
 const NEW: Array<[string, string]> = [
   ["--token-file", "UPTRAKIT_RELAY_TOKEN_FILE"], ["--nats-pass-file", "UPTRAKIT_NATS_PASS_FILE"], ["--nats-token-file", "UPTRAKIT_NATS_TOKEN_FILE"],
   ["--fast-paths", "UPTRAKIT_RELAY_FAST_PATHS"],
+  ["--readiness", "UPTRAKIT_RELAY_READINESS"],
 ];
 
 t.test("every existing flag and env var is still there, with its pairing; --help lists them", async (tt) => {
@@ -93,7 +94,7 @@ t.test("every existing flag and env var is still there, with its pairing; --help
   for (const [flag, env] of [...EXISTING, ...NEW]) tt.ok(help.includes(flag) && help.includes(env), `--help shows ${flag} and ${env}`);
   tt.notMatch(help, /`/, "--help shows no Markdown backticks");
   const info = addConnectionOptions(new Command("info")).options.map((o) => o.long);
-  for (const runOnly of ["--listen", "--token", "--token-file", "--allow-origin", "--nack-delay", "--max-frame-bytes", "--outbox-max", "--drain-timeout"])
+  for (const runOnly of ["--listen", "--token", "--token-file", "--allow-origin", "--nack-delay", "--max-frame-bytes", "--outbox-max", "--drain-timeout", "--readiness"])
     tt.notOk(info.includes(runOnly), `stream info does not take ${runOnly}`);
   for (const shared of ["--nats-url", "--nats-pass-file", "--nats-token-file", "--instance-id", "--stream", "--log-level"]) tt.ok(info.includes(shared), `stream info takes ${shared}`);
 });
@@ -228,4 +229,12 @@ t.test("redactCredentials takes out userinfo of every URL in any text", async (t
     "error: option '--nats-url <urls>' value 'nats://[redacted]@d' from env 'UPTRAKIT_NATS_URL' is invalid.",
   );
   tt.equal(redactCredentials("nothing to hide: nats://h:4222"), "nothing to hide: nats://h:4222");
+});
+
+t.test("--readiness / UPTRAKIT_RELAY_READINESS: degraded by default, strict on request, nothing else", async (tt) => {
+  tt.equal(parse([]).readiness, "degraded", "default degraded");
+  tt.equal(parse(["--readiness", "strict"]).readiness, "strict", "flag");
+  tt.equal(parse([], { UPTRAKIT_RELAY_READINESS: "strict" }).readiness, "strict", "env var");
+  tt.equal(parse(["--readiness", "degraded"], { UPTRAKIT_RELAY_READINESS: "strict" }).readiness, "degraded", "the flag beats the env var");
+  tt.match(failure(["--readiness", "lenient"]), /--readiness.*Allowed choices are degraded, strict/, "anything else is refused, naming the option");
 });

@@ -168,10 +168,12 @@ async function within<T>(p: Promise<T>, ms: number, message: () => string): Prom
 
 // ---- readiness ------------------------------------------------------------------------------------
 
-t.test("/readyz follows the NATS connection; a publish made meanwhile is kept and sent", async (tt) => {
+t.test("--readiness strict: /readyz follows the NATS connection; a publish made meanwhile is kept and sent", async (tt) => {
   const env = setup(tt);
   const nats = await env.nats();
-  const [ra, rb] = await Promise.all([env.relay("alpha", nats.url), env.relay("bravo", nats.url)]);
+  // The old behaviour, now an explicit option (the default, degraded, is test/readiness.test.ts).
+  const strict = ["--readiness", "strict"];
+  const [ra, rb] = await Promise.all([env.relay("alpha", nats.url, strict), env.relay("bravo", nats.url, strict)]);
   const [ca, cb] = await Promise.all([env.controller(ra), env.controller(rb)]);
 
   tt.same(await readyz(ra), { status: 200, body: { status: "ready" } }, "ready while connected, with the stream and consumer in place");

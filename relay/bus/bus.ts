@@ -13,6 +13,7 @@
 // - Consumer state (what was acked, delivery counts) survives a restart of the relay.
 
 import type { BusName } from "../protocol.js";
+import type { Peer } from "../peers.js";
 
 export interface BusMessage {
   /** The controller's publish id; unique per origin. */
@@ -147,6 +148,10 @@ export interface Bus {
    * exist.
    */
   inspect(): Promise<StreamInfo>;
+  /** The relays on this stream (consumers and origins), for the status page; read-only. */
+  peers(): Promise<Peer[]>;
+  /** Where the bus is: the NATS server it is connected to, or the bus file. */
+  location(): string | undefined;
   /** Stops consuming, lets pending settles reach the bus, and disconnects. */
   close(): Promise<void>;
 }

@@ -51,6 +51,8 @@ import {
   type StreamInfo,
 } from "./bus.js";
 import { JsInbound, type Settler } from "./jetstream-inbound.js";
+import { readJetStreamPeers } from "./jetstream-peers.js";
+import type { Peer } from "../peers.js";
 import { SUBJECT_FILTER, ackInfo, publishHeaders, readHeaders, subjectFor, wireCodec } from "./jetstream-wire.js";
 import { NatsFastPaths } from "./nats-internals.js";
 
@@ -202,6 +204,20 @@ export class JetStreamBus implements Bus {
     this.log.info({ urls: this.opts.urls, stream: this.opts.stream, consumer: this.opts.instanceId }, "JetStream bus started");
   }
 
+  /**
+   * A connection of its own with exactly the relay's connection and auth options, for `doctor`
+   * (the caller closes it). Rejects with BusStartError as start() would; its cause is the error
+   * nats.js gave (see isAuthError).
+   */
+  diagnosticConnection(): Promise<NatsConnection> {
+    return this.connect("doctor");
+  }
+
+  /** The stream and consumer configuration this relay would create (for `doctor` to compare). */
+  expectedConfig(): { stream: Partial<StreamConfig> & { name: string }; consumer: Partial<ConsumerConfig> } {
+    return { stream: this.streamConfig(), consumer: this.consumerConfig() };
+  }
+
   private async connect(purpose?: string): Promise<NatsConnection> {
     const options: NodeConnectionOptions = {
       servers: this.opts.urls,
@@ -263,7 +279,7 @@ export class JetStreamBus implements Bus {
    * A server without -js answers the JetStream API with "no responders"; so does a cluster while it
    * elects a leader. Retry for a few seconds before calling it a configuration error.
    */
-  private async checkJetStream(nc: NatsConnection): Promise<JetStreamManager> {
+  async checkJetStream(nc: NatsConnection): Promise<JetStreamManager> {
     const jsm = await jetstreamManager(nc, { timeout: API_TIMEOUT_MS, checkAPI: false });
     const until = Date.now() + JS_CHECK_WINDOW_MS;
     for (let attempt = 0; ; attempt++) {
@@ -876,6 +892,18 @@ export class JetStreamBus implements Bus {
 
   // ---- info and shutdown ----------------------------------------------------------------------
 
+  async peers(): Promise<Peer[]> {
+    if (!this.jsm) throw new BusUnavailableError("JetStream bus is not started");
+    return readJetStreamPeers(this.jsm, this.opts.stream, this.opts.instanceId);
+  }
+
+  location(): string | undefined {
+    const nc = this.nc;
+    if (!nc || nc.isClosed()) return undefined;
+    const info = nc.info;
+    return `${redactUrl(nc.getServer())}${info ? ` (nats-server ${info.version}${info.server_name ? `, ${info.server_name}` : ""})` : ""}`;
+  }
+
   async info(): Promise<StreamInfo> {
     if (!this.jsm) throw new BusUnavailableError("JetStream bus is not started");
     return this.readInfo(this.jsm);
@@ -992,7 +1020,7 @@ function isTlsError(err: unknown): boolean {
   return typeof code === "string" && /^(UNABLE_TO_|CERT_|ERR_TLS_|ERR_SSL_|DEPTH_ZERO_|SELF_SIGNED_|HOSTNAME_)/.test(code);
 }
 
-function isAuthError(err: unknown): boolean {
+export function isAuthError(err: unknown): boolean {
   return (
     err instanceof natsErrors.AuthorizationError ||
     err instanceof natsErrors.UserAuthenticationExpiredError ||

@@ -54,6 +54,8 @@ import {
   type StreamInfo,
 } from "./bus.js";
 import type { Logger } from "../log.js";
+import { readSqlitePeers } from "./sqlite-peers.js";
+import type { Peer } from "../peers.js";
 import { SCHEMA, migrate, prepareStatements, type CheckRow, type DeliveryRow, type SettleKind, type Statements } from "./sqlite-schema.js";
 
 /** Like JetStream's duplicate_window. */
@@ -607,6 +609,15 @@ export class SqliteBus implements Bus {
   }
 
   // ---- info --------------------------------------------------------------------------------
+
+  async peers(): Promise<Peer[]> {
+    if (!this.db) throw new BusUnavailableError(`the SQLite bus is ${this.state.state === "closed" ? "closed" : "not started"}`);
+    return readSqlitePeers(this.db, this.stream, this.consumerName);
+  }
+
+  location(): string {
+    return this.file;
+  }
 
   async info(): Promise<StreamInfo> {
     if (!this.db) throw new BusUnavailableError(`the SQLite bus is ${this.state.state === "closed" ? "closed" : "not started"}`);

@@ -100,6 +100,57 @@ function traceOf(r: { traceparent: string | null; tracestate: string | null }): 
   return r.tracestate === null ? { traceparent: r.traceparent } : { traceparent: r.traceparent, tracestate: r.tracestate };
 }
 
+/** A dead letter as operators' views show it: never the payload. */
+export type DeadLetterBrief = Pick<DeadLetter, "seq" | "id" | "kind" | "origin" | "attempts" | "reason" | "deadAt">;
+
+export interface DeadLetterSummary {
+  count: number;
+  oldestDeadAt?: string;
+  /** The most recent few, newest first. */
+  latest: DeadLetterBrief[];
+}
+
+const DEAD_SUMMARY_SQL = {
+  count: "SELECT count(*) AS n, min(dead_at) AS oldest FROM dead_letters",
+  latest: "SELECT seq, id, kind, origin, attempts, reason, dead_at FROM dead_letters ORDER BY seq DESC LIMIT ?",
+};
+
+function deadLetterSummary(db: Database.Database, limit: number): DeadLetterSummary {
+  const c = db.prepare(DEAD_SUMMARY_SQL.count).get() as { n: number; oldest: string | null };
+  const latest = (db.prepare(DEAD_SUMMARY_SQL.latest).all(limit) as DeadRow[]).map((r) => ({
+    seq: r.seq, id: r.id, kind: r.kind, origin: r.origin, attempts: r.attempts, reason: r.reason, deadAt: r.dead_at,
+  }));
+  return { count: c.n, oldestDeadAt: c.oldest ?? undefined, latest };
+}
+
+export interface StoreInspection extends DeadLetterSummary {
+  file: string;
+  /** What PRAGMA integrity_check says ("ok" when sound). */
+  integrity: string;
+  outboxDepth: number;
+}
+
+/**
+ * A read-only look at a data dir's store for `doctor`: opens nothing for writing, creates
+ * nothing. Throws StoreOpenError when there is no store or it cannot be read.
+ */
+export function inspectStore(dataDir: string, latest = 5): StoreInspection {
+  const file = path.join(dataDir, "relay.db");
+  if (!fs.existsSync(file)) throw new StoreOpenError(`there is no relay store at ${file} (a relay creates it when it starts with this --data-dir)`);
+  let db: Database.Database | undefined;
+  try {
+    db = new Database(file, { readonly: true, fileMustExist: true, timeout: CLI_BUSY_TIMEOUT_MS });
+    const rows = db.pragma("integrity_check") as Array<{ integrity_check: string }>;
+    const integrity = rows.map((r) => r.integrity_check).join("; ");
+    const outboxDepth = (db.prepare("SELECT count(*) AS n FROM outbox").get() as { n: number }).n;
+    return { file, integrity, outboxDepth, ...deadLetterSummary(db, latest) };
+  } catch (err) {
+    throw new StoreOpenError(`cannot read the relay store ${file}: ${(err as Error).message}`);
+  } finally {
+    db?.close();
+  }
+}
+
 export class RelayStore {
   readonly file: string;
   private readonly db: Database.Database;
@@ -205,6 +256,11 @@ export class RelayStore {
       attempts, reason, deadAt: new Date().toISOString(),
       traceparent: m.traceparent ?? null, tracestate: m.tracestate ?? null,
     });
+  }
+
+  /** Count, oldest and the latest few, without payloads (the status page). */
+  deadLetterSummary(limit: number): DeadLetterSummary {
+    return deadLetterSummary(this.db, limit);
   }
 
   deadLetters(): DeadLetter[] {
