@@ -57,6 +57,10 @@ async function waitForDeadLetter(dataDir: string, id: string, timeoutMs = 15_000
 
 const FAST = ["--ack-wait", "1000", "--nack-delay", "100", "--max-deliver", "3"];
 
+// Three backends (jetstream-public-api as well) of real relay processes: more than tap's 180 s on
+// a loaded 2-core machine. The root test's timeout tells the runner.
+t.setTimeout(420_000);
+
 for (const backend of backends) {
   t.test(`${backend.name}: relays deliver each other's messages and never echo`, async (tt) => {
     const env = await setup(tt, backend);
