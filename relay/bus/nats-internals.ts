@@ -1,9 +1,10 @@
 // Every use of a nats.js internal, in one place. The JetStream bus's hot path takes four shortcuts
 // through nats.js's private fields (each measured in the README's Performance table); none is part
 // of nats.js's API, so a new nats.js could move them. Each is therefore checked against the
-// installed nats.js before it is used — at start-up on the live connection, or on the first
-// delivery for what only a JetStream message has — and when a check fails the bus uses the public
-// API instead, logs a warning naming the fast path and reports it in uptrakit_relay_fast_paths.
+// installed nats.js before it is used — at start-up against nats.js's own encoder, decoder and
+// message class, and on the first delivery for what only a JetStream message has — and when a
+// check fails the bus uses the public API instead, logs a warning naming the fast path and
+// reports it in uptrakit_relay_fast_paths.
 // `--fast-paths off` (UPTRAKIT_RELAY_FAST_PATHS=off) takes all of them out.
 //
 //   socket-cork    nc.protocol.transport.socket: cork the NATS socket for one event-loop turn
@@ -13,7 +14,8 @@
 //                  read from it), instead of JsMsg.ack()/nak()/… and JsMsg.info
 
 import type { Writable } from "node:stream";
-import { MsgHdrsImpl, createInbox, type Msg, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
+import { MsgHdrsImpl, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
+import { MsgImpl } from "@nats-io/nats-core/internal";
 import type { JsMsg } from "@nats-io/jetstream";
 import type { Logger } from "../log.js";
 
@@ -32,9 +34,6 @@ export interface WireCodec {
   /** The same values parsed from a raw header block by the relay's own parser. */
   parseBlock(block: Uint8Array): Record<string, string>;
 }
-
-/** How long the start-up round trip (one core NATS message to ourselves) may take. */
-const CHECK_TIMEOUT_MS = 5_000;
 
 /** Headers encoded once, by hand; nats.js's publish() sends whatever encode() returns. */
 class EncodedHeaders extends MsgHdrsImpl {
@@ -149,49 +148,50 @@ export class NatsFastPaths {
   // ---- checks ----------------------------------------------------------------------------------
 
   /**
-   * At start-up, on the live connection: the socket's shape, and one core NATS message to our own
-   * inbox carrying the relay's headers (hand-encoded bytes must equal nats.js's own encoding and
-   * come back through the public API unchanged; the raw block must hold exactly those bytes and
-   * parse to the same values). ack-reply, and header-read's JsMsg wrapper, wait for the first
-   * delivery (checkDelivery): nats.js makes a JsMsg only from a JetStream delivery.
+   * At start-up: the live connection's socket has the shape corking needs; the relay's
+   * hand-encoded headers are byte for byte what nats.js's own headers() encodes, and nats.js's
+   * decoder reads them back to the same values; and a message built as nats.js's parser builds
+   * one (MsgImpl) exposes exactly those bytes as its raw header block, parsing to what its public
+   * `headers` says. All local: no message is sent, so a relay whose NATS user may publish only on
+   * its own subjects (deploy/nats/least-privilege.conf) checks the same way. header-read is
+   * turned on, and ack-reply checked, by the first delivery (checkDelivery): only a JetStream
+   * delivery shows JsMsg's fields.
    */
   async check(nc: NatsConnection, codec: WireCodec): Promise<void> {
     if (!this.opts.enabled) return;
-    const socket = natsSocket(nc) as (Writable & { destroyed?: unknown }) | undefined;
+    const socket = natsSocket(nc);
     if (socket && typeof socket.cork === "function" && typeof socket.uncork === "function" && typeof socket.writableCorked === "number") this.pass("socket-cork");
     else this.disable("socket-cork", "nc.protocol.transport.socket is not a corkable stream");
 
-    let fast: MsgHdrs | undefined;
+    const generic = codec.encode(false);
+    const want = codec.readPublic(generic);
     try {
       if (typeof MsgHdrsImpl !== "function" || typeof MsgHdrsImpl.prototype.encode !== "function") throw new Error("MsgHdrsImpl has no encode()");
-      fast = codec.encode(true);
-      const generic = bytesOf(codec.encode(false));
+      const fast = codec.encode(true);
       if (!(fast instanceof MsgHdrsImpl)) throw new Error("the hand-encoded headers are not a MsgHdrsImpl");
-      if (!sameBytes(bytesOf(fast), generic)) throw new Error("hand-encoded header bytes differ from nats.js's own encoding");
+      if (!sameBytes(bytesOf(fast), bytesOf(generic))) throw new Error("hand-encoded header bytes differ from nats.js's own encoding");
+      if (!sameValues(codec.readPublic(MsgHdrsImpl.decode(bytesOf(fast))), want)) throw new Error("nats.js decodes the hand-encoded headers to other values");
+      this.pass("header-encode");
     } catch (err) {
-      fast = undefined;
       this.disable("header-encode", (err as Error).message);
     }
-    const sent = fast ?? codec.encode(false);
-    const want = codec.readPublic(codec.encode(false));
-    let got: Msg;
+
     try {
-      got = await roundTrip(nc, sent);
+      const hdr = bytesOf(generic);
+      const payload = Buffer.from("{}");
+      const data = new Uint8Array(hdr.length + payload.length);
+      data.set(hdr, 0);
+      data.set(payload, hdr.length);
+      const arg = { subject: Buffer.from("uptrakit.fast-path-check"), sid: 1, hdr: hdr.length, size: data.length };
+      const msg = new MsgImpl(arg, data, { publish: () => undefined } as unknown as ConstructorParameters<typeof MsgImpl>[2]);
+      const block = msgHeaderBlock(msg);
+      if (!block) this.disable("header-read", "MsgImpl has no _msg.hdr / _rdata");
+      else if (!sameBytes(block, hdr)) this.disable("header-read", "MsgImpl's raw header block is not the header bytes");
+      else if (!sameValues(codec.parseBlock(block), codec.readPublic(msg.headers))) this.disable("header-read", "the raw header block parses differently from nats.js's headers");
+      // Passing this, header-read stays unchecked until checkDelivery() sees JsMsg.msg on a delivery.
     } catch (err) {
-      // Nothing learned: the public API for the paths this round trip checks (slower, never wrong).
-      if (fast) this.disable("header-encode", `start-up check: ${(err as Error).message}`);
-      this.disable("header-read", `start-up check: ${(err as Error).message}`);
-      return;
+      this.disable("header-read", `cannot build a nats.js message: ${(err as Error).message}`);
     }
-    if (fast) {
-      if (sameValues(codec.readPublic(got.headers), want)) this.pass("header-encode");
-      else this.disable("header-encode", "a message sent with hand-encoded headers reads back differently through nats.js");
-    }
-    const block = msgHeaderBlock(got);
-    if (!block) this.disable("header-read", "MsgImpl has no _msg.hdr / _rdata");
-    else if (!sameBytes(block, bytesOf(sent))) this.disable("header-read", "the raw header block is not the bytes that were sent");
-    else if (!sameValues(codec.parseBlock(block), codec.readPublic(got.headers))) this.disable("header-read", "the raw header block parses differently from nats.js's headers");
-    // header-read stays unchecked until checkDelivery() sees JsMsg.msg on a delivery.
   }
 
   /**
@@ -220,26 +220,5 @@ export class NatsFastPaths {
     else if (info.streamSequence !== m.info.streamSequence || info.deliveryCount !== m.info.deliveryCount)
       this.disable("ack-reply", "JsMsg.reply names another sequence or delivery count than JsMsg.info");
     else this.pass("ack-reply");
-  }
-}
-
-/** One core NATS message to a fresh inbox of ours, headers as given; the received message. */
-async function roundTrip(nc: NatsConnection, h: MsgHdrs): Promise<Msg> {
-  const subject = createInbox();
-  let timer: NodeJS.Timeout | undefined;
-  const sub = nc.subscribe(subject, { max: 1 });
-  try {
-    const got = (async () => {
-      for await (const m of sub) return m;
-      throw new Error("the check subscription ended without a message");
-    })();
-    nc.publish(subject, new Uint8Array(0), { headers: h });
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`no answer within ${CHECK_TIMEOUT_MS} ms`)), CHECK_TIMEOUT_MS);
-    });
-    return await Promise.race([got, timeout]);
-  } finally {
-    clearTimeout(timer);
-    sub.unsubscribe();
   }
 }
