@@ -90,7 +90,8 @@ export class JsInbound implements InboundMessage {
   private readPayload(): void {
     const data = this.m!.data;
     this.utf8 = isUtf8(data);
-    this.payload = this.m!.string();
+    // The bytes as sent: nats.js's string() (a TextDecoder) would silently drop a leading BOM.
+    this.payload = Buffer.from(data.buffer, data.byteOffset, data.byteLength).toString("utf8");
     this.m = undefined;
   }
 

@@ -7,6 +7,8 @@ export type Frame = Record<string, any>; // eslint-disable-line @typescript-esli
 
 export class TestController {
   readonly frames: Frame[] = [];
+  /** Frames that were not JSON (a relay must never send one): kept, not thrown in the socket's handler. */
+  readonly unparsed: string[] = [];
   ready!: Frame;
   closeCode: number | undefined;
   closeReason: string | undefined;
@@ -19,7 +21,13 @@ export class TestController {
   private constructor(ws: WebSocket) {
     this.ws = ws;
     ws.on("message", (data, isBinary) => {
-      const f = JSON.parse(isBinary ? "{}" : data.toString()) as Frame;
+      let f: Frame;
+      try {
+        f = JSON.parse(isBinary ? "{}" : data.toString()) as Frame;
+      } catch {
+        this.unparsed.push(data.toString());
+        return;
+      }
       this.frames.push(f);
       const idx = this.frames.length - 1;
       for (const l of this.listeners) l(f);
