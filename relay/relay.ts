@@ -6,6 +6,7 @@
 import net from "node:net";
 import { HANDBACK_DELAY_MS, type Bus, type Consumption, type InboundMessage } from "./bus/bus.js";
 import { createBus } from "./bus/create.js";
+import { FAST_PATH_STATES } from "./bus/nats-internals.js";
 import type { RelayConfig } from "./config.js";
 import { DeliveryMachine, type ArrivalSource } from "./delivery.js";
 import { InboundGate } from "./inbound-gate.js";
@@ -101,6 +102,7 @@ export class Relay {
           this.metrics.natsStale.inc();
           this.log.error({ reason }, "NATS connection silently cut off; publishes go to the outbox until it answers again");
         },
+        fastPath: (path, state) => this.metrics.setFastPath(path, state, FAST_PATH_STATES),
       });
       await this.bus.start();
       this.tracing = await loadTracing({ instanceId: this.cfg.instanceId, bus: this.bus.name, logger: this.log });
