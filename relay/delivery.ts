@@ -59,6 +59,8 @@ interface Entry {
 interface Recording {
   entry: Entry;
   also: InboundMessage[];
+  /** Set for refusals: the caller counts and logs them itself (rate-limited, under attack). */
+  onRecorded?: () => void;
 }
 
 /** How many recently dead-lettered sequences are remembered, to settle a late redelivery without a second record. */
@@ -184,6 +186,25 @@ export class DeliveryMachine {
       return;
     }
     this.deliver(entry);
+  }
+
+  /**
+   * A message that must never be delivered (it failed the inbound policy): straight to a dead
+   * letter with this reason, written and settled like any other — term only once it is durable,
+   * a failing store retried while the message is kept alive. `onRecorded` runs once it is.
+   */
+  refuse(msg: InboundMessage, source: ArrivalSource, reason: string, onRecorded: () => void): void {
+    const seq = msg.seq;
+    if (this.recentDead.has(seq)) {
+      msg.term();
+      return;
+    }
+    const recording = this.recording.get(seq);
+    if (recording) {
+      recording.also.push(msg);
+      return;
+    }
+    this.deadLetter({ msg, source, attempt: msg.attempt, deliveryId: "", deadline: 0 }, reason, onRecorded);
   }
 
   // ---- the controller's verbs ------------------------------------------------------------------
@@ -348,9 +369,9 @@ export class DeliveryMachine {
    * message stays unsettled and is kept alive; a failing store is retried with back-off, never
    * by blocking, and never by settling what is not recorded.
    */
-  private deadLetter(e: Entry, reason: string): void {
+  private deadLetter(e: Entry, reason: string, onRecorded?: () => void): void {
     const seq = e.msg.seq;
-    const rec: Recording = { entry: e, also: [] };
+    const rec: Recording = { entry: e, also: [], onRecorded };
     this.recording.set(seq, rec);
     this.armKeepAlive();
     void this.record(rec, reason);
@@ -376,7 +397,8 @@ export class DeliveryMachine {
     this.recording.delete(e.msg.seq);
     this.rememberDead(e.msg.seq);
     this.o.metrics.deadLettered.inc();
-    log.warn({ id: e.msg.id, kind: e.msg.kind, origin: e.msg.origin, attempts: e.attempt, reason, source: e.source.name }, "dead letter recorded");
+    if (rec.onRecorded) rec.onRecorded();
+    else log.warn({ id: e.msg.id, kind: e.msg.kind, origin: e.msg.origin, attempts: e.attempt, reason, source: e.source.name }, "dead letter recorded");
     e.msg.term();
     for (const m of rec.also) m.term();
     this.notifyRecorded();

@@ -120,6 +120,7 @@ export class Relay {
         metrics: this.metrics,
         logger: this.log,
         deliver: (m, source) => this.tracker!.offer(m, source),
+        refuse: (m, source, reason, onRecorded) => this.tracker!.refuse(m, source, reason, onRecorded),
       });
       this.replay = new ReplaySource({
         store: this.store,
@@ -185,8 +186,6 @@ export class Relay {
     const idle = (await t?.waitIdle(this.cfg.drainTimeoutMs)) ?? true;
     const released = t?.releaseAll(HANDBACK_DELAY_MS) ?? 0; // see HANDBACK_DELAY_MS
     if (!idle || released > 0) this.log.warn({ released }, "drain timeout: unacked deliveries handed back for redelivery");
-    if (this.gate && !(await this.gate.waitIdle(this.cfg.drainTimeoutMs)))
-      this.log.error("dead letters of rejected inbound messages still being written at shutdown are left to the bus, which redelivers them");
     if (t && !(await t.waitRecorded(this.cfg.drainTimeoutMs)))
       this.log.error({ recording: t.recordingCount }, "dead letters still being written at shutdown are left to the bus, which redelivers them");
     await this.server?.closeSessions(CLOSE_NORMAL, "relay shutting down");
