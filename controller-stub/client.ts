@@ -19,6 +19,7 @@ import { EventEmitter } from "node:events";
 import { randomUUID } from "node:crypto";
 import WebSocket from "ws";
 import type { BusName, ErrorCode } from "../relay/protocol.js";
+import { activeTraceFields, runInTraceContext, traceApiLoaded } from "./trace.js";
 
 /** Close code the relay uses when a newer controller session supersedes this one. */
 const CLOSE_SUPERSEDED = 4001;
@@ -96,6 +97,9 @@ export interface Delivery<P = unknown> {
   attempt: number;
   publishedAt: string;
   payload: P;
+  /** The publish's W3C trace context, when it had one; the handler runs inside it (with @opentelemetry/api). */
+  traceparent?: string;
+  tracestate?: string;
 }
 
 export type HandlerResult = void | typeof LEAVE_UNSETTLED;
@@ -133,6 +137,11 @@ export interface RelayClientOptions {
   connectTimeoutMs?: number;
   /** Largest frame accepted from the relay, in bytes. Default 64 MiB. */
   maxPayload?: number;
+  /**
+   * With @opentelemetry/api present: send the active span's trace context with each publish, and
+   * run handlers inside the delivered one. Default true.
+   */
+  propagateTrace?: boolean;
 }
 
 export interface DisconnectInfo {
@@ -198,6 +207,7 @@ export class RelayClient extends EventEmitter<RelayClientEvents> {
   private readonly nackDelayMs: number | undefined;
   private readonly connectTimeoutMs: number;
   private readonly maxPayload: number;
+  private readonly propagateTrace: boolean;
 
   private ws: WebSocket | null = null;
   private _state: ClientState = "idle";
@@ -235,6 +245,7 @@ export class RelayClient extends EventEmitter<RelayClientEvents> {
     this.nackDelayMs = opts.nackDelayMs;
     this.connectTimeoutMs = Math.max(1, opts.connectTimeoutMs ?? 10_000);
     this.maxPayload = opts.maxPayload ?? 64 * 1024 * 1024;
+    this.propagateTrace = opts.propagateTrace ?? true;
   }
 
   /** idle | connecting | ready | waiting (backoff before a retry) | closed | superseded */
@@ -273,7 +284,8 @@ export class RelayClient extends EventEmitter<RelayClientEvents> {
       this.ws = null;
       this.rejectConnectWaiters(new RelayError("connect_failed", `cannot connect to relay at ${this.url}: ${describe(e)}`, { cause: e }));
     }
-    return p;
+    // Publishes from here on can carry the trace context: the optional import has been tried.
+    return traceApiLoaded.then(() => p);
   }
 
   private open(): void {
@@ -582,7 +594,8 @@ export class RelayClient extends EventEmitter<RelayClientEvents> {
         new RelayError(this._state, this._state === "closed" ? "relay client is closed" : "this controller session was superseded", { id }),
       );
 
-    const frame = `{"type":"publish","id":${JSON.stringify(id)},"kind":${JSON.stringify(kind)},"payload":${payloadJson}}`;
+    const trace = this.propagateTrace ? activeTraceFields() : "";
+    const frame = `{"type":"publish","id":${JSON.stringify(id)},"kind":${JSON.stringify(kind)}${trace},"payload":${payloadJson}}`;
     let resolve!: (r: PublishResult) => void;
     let reject!: (e: Error) => void;
     const promise = new Promise<PublishResult>((res, rej) => {
@@ -661,6 +674,8 @@ export class RelayClient extends EventEmitter<RelayClientEvents> {
       publishedAt: f.publishedAt as string,
       payload: f.payload,
     };
+    if (typeof f.traceparent === "string") d.traceparent = f.traceparent;
+    if (typeof f.tracestate === "string") d.tracestate = f.tracestate;
     if (typeof d.deliveryId !== "string") {
       this.emitError(new RelayError("protocol_error", "relay sent a deliver frame without a deliveryId"));
       return;
@@ -678,7 +693,8 @@ export class RelayClient extends EventEmitter<RelayClientEvents> {
     if (this.inFlight.has(deliveryId)) return;
     let result: HandlerResult | Promise<HandlerResult>;
     try {
-      result = this.handler!(d);
+      const handler = this.handler!;
+      result = d.traceparent === undefined ? handler(d) : runInTraceContext(d.traceparent, d.tracestate, () => handler(d));
     } catch (e) {
       this.settleFailure(d, e);
       return;

@@ -46,6 +46,8 @@ export interface RelayConfig {
   readiness: Readiness;
   logLevel: string;
   natsAuth: NatsAuth;
+  /** false: the JetStream bus uses nats.js's public API only (relay/bus/nats-internals.ts). */
+  fastPaths: boolean;
 }
 
 // ---- value parsers (each throws InvalidArgumentError, which commander turns into a clear exit) --
@@ -323,6 +325,13 @@ const OPTIONS = {
     parse: oneOf(LOG_LEVELS),
     default: "info",
   }),
+  fastPaths: option({
+    flags: "--fast-paths <mode>",
+    env: "UPTRAKIT_RELAY_FAST_PATHS",
+    help: "`on` or `off`; `off`: nats.js's public API only, none of the relay's shortcuts through its internals (each is checked at start-up and falls back on its own)",
+    parse: oneOf(["on", "off"]),
+    default: "on",
+  }),
   natsUser: option({ flags: "--nats-user <user>", env: "UPTRAKIT_NATS_USER", help: "NATS user name", parse: text }),
   natsPass: option({ flags: "--nats-pass <password>", env: "UPTRAKIT_NATS_PASS", help: "NATS password (with `--nats-user`)", parse: text }),
   natsPassFile: option({
@@ -439,6 +448,7 @@ export function toRelayConfig(given: Record<string, unknown>): RelayConfig {
     readiness: o.readiness,
     logLevel: o.logLevel,
     natsAuth: natsAuth(o),
+    fastPaths: o.fastPaths !== "off",
   };
 }
 

@@ -15,6 +15,7 @@ import { backoffMs, systemClock, type Clock, type TimerHandle } from "./clock.js
 import type { Logger } from "./log.js";
 import type { RelayMetrics } from "./metrics.js";
 import { deliverFrame } from "./protocol.js";
+import type { ProcessSpan, RelayTracing } from "./trace-loader.js";
 
 /** A kind of source messages arrive from, and how its dead letters are kept. */
 export interface ArrivalSource {
@@ -36,6 +37,8 @@ export interface DeliveryOptions {
   metrics: RelayMetrics;
   logger: Logger;
   clock?: Clock;
+  /** Present only when spans are exported. */
+  tracing?: RelayTracing;
 }
 
 export type SettleResult = "ok" | "unknown_delivery";
@@ -48,12 +51,16 @@ interface Entry {
   deliveryId: string;
   /** clock.now() at which the ack wait runs out (in flight only). */
   deadline: number;
+  /** The process span of the current attempt, with tracing on. */
+  span?: ProcessSpan;
 }
 
 /** Later arrivals of the same message while its dead letter is being written: settled with it. */
 interface Recording {
   entry: Entry;
   also: InboundMessage[];
+  /** Set for refusals: the caller counts and logs them itself (rate-limited, under attack). */
+  onRecorded?: () => void;
 }
 
 /** How many recently dead-lettered sequences are remembered, to settle a late redelivery without a second record. */
@@ -127,7 +134,10 @@ export class DeliveryMachine {
    */
   detach(): void {
     this.send = undefined;
-    for (const e of this.inFlight.values()) this.parked.set(e.msg.seq, e);
+    for (const e of this.inFlight.values()) {
+      endSpan(e, "handed_back");
+      this.parked.set(e.msg.seq, e);
+    }
     this.inFlight.clear();
     this.bySeq.clear();
     this.stopSweep();
@@ -178,11 +188,31 @@ export class DeliveryMachine {
     this.deliver(entry);
   }
 
+  /**
+   * A message that must never be delivered (it failed the inbound policy): straight to a dead
+   * letter with this reason, written and settled like any other — term only once it is durable,
+   * a failing store retried while the message is kept alive. `onRecorded` runs once it is.
+   */
+  refuse(msg: InboundMessage, source: ArrivalSource, reason: string, onRecorded: () => void): void {
+    const seq = msg.seq;
+    if (this.recentDead.has(seq)) {
+      msg.term();
+      return;
+    }
+    const recording = this.recording.get(seq);
+    if (recording) {
+      recording.also.push(msg);
+      return;
+    }
+    this.deadLetter({ msg, source, attempt: msg.attempt, deliveryId: "", deadline: 0 }, reason, onRecorded);
+  }
+
   // ---- the controller's verbs ------------------------------------------------------------------
 
   ack(deliveryId: string): SettleResult {
     const e = this.take(deliveryId);
     if (!e) return "unknown_delivery";
+    endSpan(e, "ack");
     e.msg.ack();
     this.o.metrics.acked.inc();
     return "ok";
@@ -191,6 +221,7 @@ export class DeliveryMachine {
   nack(deliveryId: string, delayMs?: number): SettleResult {
     const e = this.take(deliveryId);
     if (!e) return "unknown_delivery";
+    endSpan(e, "nack");
     this.o.metrics.nacked.inc();
     this.fail(e, "nacked by the controller", delayMs ?? this.o.nackDelayMs);
     return "ok";
@@ -211,6 +242,7 @@ export class DeliveryMachine {
   reject(deliveryId: string, reason: string | undefined): SettleResult {
     const e = this.take(deliveryId);
     if (!e) return "unknown_delivery";
+    endSpan(e, "reject");
     this.o.metrics.rejected.inc();
     this.deadLetter(e, `rejected by the controller${reason ? `: ${reason}` : ""}`);
     return "ok";
@@ -243,7 +275,10 @@ export class DeliveryMachine {
     this.redeliveries.clear();
     this.stopSweep();
     this.armKeepAlive();
-    for (const e of held) if (e.source.redelivers) e.msg.nak(delayMs);
+    for (const e of held) {
+      endSpan(e, "handed_back");
+      if (e.source.redelivers) e.msg.nak(delayMs);
+    }
     this.gaugeInFlight();
     this.notifyIdle();
     return held.length;
@@ -274,6 +309,11 @@ export class DeliveryMachine {
       if (!Number.isNaN(sent)) m.deliveryLatency.observe(Math.max(0, Date.now() - sent) / 1000);
     }
     const msg = e.msg;
+    let traceparent = msg.traceparent;
+    if (this.o.tracing) {
+      e.span = this.o.tracing.process(msg, e.attempt);
+      traceparent = e.span.traceparent; // the controller's handler runs inside the process span
+    }
     this.send!(
       deliverFrame({
         deliveryId: e.deliveryId,
@@ -283,7 +323,7 @@ export class DeliveryMachine {
         attempt: e.attempt,
         publishedAt: msg.publishedAt,
         payloadJson: msg.payloadJson,
-        traceparent: msg.traceparent,
+        traceparent,
         tracestate: msg.tracestate,
       }),
     );
@@ -317,6 +357,7 @@ export class DeliveryMachine {
   }
 
   private onAckWaitExpired(e: Entry): void {
+    endSpan(e, "timeout");
     this.o.metrics.ackTimeouts.inc();
     // A source that redelivers runs the same ack-wait clock; only its last attempt needs us.
     if (e.attempt >= this.o.maxDeliver) this.deadLetter(e, `not acked within ${this.o.ackWaitMs} ms`);
@@ -328,9 +369,9 @@ export class DeliveryMachine {
    * message stays unsettled and is kept alive; a failing store is retried with back-off, never
    * by blocking, and never by settling what is not recorded.
    */
-  private deadLetter(e: Entry, reason: string): void {
+  private deadLetter(e: Entry, reason: string, onRecorded?: () => void): void {
     const seq = e.msg.seq;
-    const rec: Recording = { entry: e, also: [] };
+    const rec: Recording = { entry: e, also: [], onRecorded };
     this.recording.set(seq, rec);
     this.armKeepAlive();
     void this.record(rec, reason);
@@ -356,7 +397,8 @@ export class DeliveryMachine {
     this.recording.delete(e.msg.seq);
     this.rememberDead(e.msg.seq);
     this.o.metrics.deadLettered.inc();
-    log.warn({ id: e.msg.id, kind: e.msg.kind, origin: e.msg.origin, attempts: e.attempt, reason, source: e.source.name }, "dead letter recorded");
+    if (rec.onRecorded) rec.onRecorded();
+    else log.warn({ id: e.msg.id, kind: e.msg.kind, origin: e.msg.origin, attempts: e.attempt, reason, source: e.source.name }, "dead letter recorded");
     e.msg.term();
     for (const m of rec.also) m.term();
     this.notifyRecorded();
@@ -449,4 +491,10 @@ export class DeliveryMachine {
   private notifyRecorded(): void {
     if (this.recording.size === 0) for (const w of this.recordedWaiters.splice(0)) w();
   }
+}
+
+function endSpan(e: Entry, outcome: Parameters<ProcessSpan["end"]>[0]): void {
+  if (e.span === undefined) return;
+  e.span.end(outcome);
+  e.span = undefined;
 }

@@ -1,8 +1,8 @@
 // The door between the buses and delivery: every message passes inboundVerdict (inbound-policy.ts)
-// before the delivery state machine sees it. A rejected message is never delivered: it becomes a
-// dead letter with its reason (the payload withheld for a credential-bearing kind), is counted in
-// uptrakit_relay_inbound_rejected_total{reason}, and only then terminated on the bus. If the
-// dead letter cannot be written the message is left to the bus (nak'd), never dropped.
+// before the delivery state machine sees it. A rejected message is never delivered: the state
+// machine turns it into a dead letter with its reason (the payload withheld for a
+// credential-bearing kind) and terminates it only once that is durable; then it is counted in
+// uptrakit_relay_inbound_rejected_total{reason} and logged, rate-limited, without its payload.
 
 import type { InboundMessage } from "./bus/bus.js";
 import type { ArrivalSource } from "./delivery.js";
@@ -10,8 +10,6 @@ import { inboundVerdict, type InboundRejection } from "./inbound-policy.js";
 import type { Logger } from "./log.js";
 import type { RelayMetrics } from "./metrics.js";
 
-/** How long a rejected message whose dead letter could not be written waits before the bus redelivers it. */
-const RECORD_FAILED_RETRY_MS = 2_000;
 /** Rejections are logged once per reason per this interval (a flood must not become a log flood). */
 const LOG_INTERVAL_MS = 10_000;
 
@@ -21,14 +19,13 @@ export interface InboundGateOptions {
   logger: Logger;
   /** Hands an admitted message to delivery. */
   deliver(msg: InboundMessage, source: ArrivalSource): void;
+  /** Hands a rejected message to delivery's dead-letter path; `onRecorded` once it is durable. */
+  refuse(msg: InboundMessage, source: ArrivalSource, reason: string, onRecorded: () => void): void;
 }
 
 export class InboundGate {
   private readonly o: InboundGateOptions;
-  /** Rejections whose dead letter is being written, by seq; later arrivals of one wait with it. */
-  private readonly recording = new Map<number, InboundMessage[]>();
   private readonly lastLogged = new Map<string, { at: number; suppressed: number }>();
-  private idleWaiters: Array<() => void> = [];
 
   constructor(o: InboundGateOptions) {
     this.o = o;
@@ -40,55 +37,11 @@ export class InboundGate {
     else if (v === "echo") {
       m.ack();
       this.o.metrics.echoFiltered.inc();
-    } else this.reject(m, source, v);
-  }
-
-  /** Resolves true once no dead letter of a rejection is being written, false after timeoutMs. */
-  async waitIdle(timeoutMs: number): Promise<boolean> {
-    if (this.recording.size === 0) return true;
-    let timer: NodeJS.Timeout | undefined;
-    const idle = new Promise<boolean>((resolve) => this.idleWaiters.push(() => resolve(true)));
-    const late = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), timeoutMs)));
-    try {
-      return await Promise.race([idle, late]);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  private reject(m: InboundMessage, source: ArrivalSource, r: InboundRejection): void {
-    const waiting = this.recording.get(m.seq);
-    if (waiting) {
-      waiting.push(m); // a redelivery while its dead letter is being written: settled with it
-      return;
-    }
-    this.recording.set(m.seq, []);
-    const reason = `${r.reason}: ${r.detail}`;
-    source.recordDeadLetter(deadLetterOf(m, r), m.attempt, reason).then(
-      () => {
-        this.o.metrics.inboundRejected.inc({ reason: r.reason });
-        this.o.metrics.deadLettered.inc();
-        this.logRejection(m, r);
-        m.term();
-        for (const again of this.done(m.seq)) again.term();
-      },
-      (err: unknown) => {
-        this.o.logger.error({ err: (err as Error).message, reason: r.reason, seq: m.seq }, "could not record a rejected inbound message as a dead letter; left to the bus to redeliver");
-        m.nak(RECORD_FAILED_RETRY_MS);
-        for (const again of this.done(m.seq)) again.nak(RECORD_FAILED_RETRY_MS);
-      },
-    );
-  }
-
-  private done(seq: number): InboundMessage[] {
-    const also = this.recording.get(seq) ?? [];
-    this.recording.delete(seq);
-    if (this.recording.size === 0) {
-      const waiters = this.idleWaiters;
-      this.idleWaiters = [];
-      for (const w of waiters) w();
-    }
-    return also;
+    } else
+      this.o.refuse(deadLetterOf(m, v), source, `${v.reason}: ${v.detail}`, () => {
+        this.o.metrics.inboundRejected.inc({ reason: v.reason });
+        this.logRejection(m, v);
+      });
   }
 
   /** Names the claim, never the payload. */

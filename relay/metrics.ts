@@ -67,6 +67,14 @@ export class RelayMetrics {
   readonly outboxMax = new Gauge({ name: "uptrakit_relay_outbox_max", help: "The outbox's limit (--outbox-max): publishes beyond it are answered unavailable", registers: [this.registry] });
   readonly natsConnected = new Gauge({ name: "uptrakit_relay_nats_connected", help: "1 while the bus (NATS, or the embedded bus) is connected", registers: [this.registry] });
 
+  /** 1 for each nats.js fast path's current state (relay/bus/nats-internals.ts), 0 for the others. */
+  readonly fastPaths = new Gauge({
+    name: "uptrakit_relay_fast_paths",
+    help: "State of each shortcut through nats.js internals: on, off (--fast-paths off), disabled (its start-up check failed: public API), unchecked",
+    labelNames: ["path", "state"] as const,
+    registers: [this.registry],
+  });
+
   readonly publishLatency = new Histogram({
     name: "uptrakit_relay_publish_latency_seconds",
     help: "From a publish frame to the bus confirming it durable",
@@ -82,5 +90,9 @@ export class RelayMetrics {
 
   constructor() {
     collectDefaultMetrics({ register: this.registry });
+  }
+
+  setFastPath(path: string, state: string, states: readonly string[]): void {
+    for (const s of states) this.fastPaths.set({ path, state: s }, s === state ? 1 : 0);
   }
 }

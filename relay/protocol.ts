@@ -1,5 +1,6 @@
 // The wire contract between a controller and its relay: JSON text frames on ws://<listen>/ws.
-// This module is the single source of truth for it; docs/protocol.md describes the same frames.
+// This module is the single source of truth for it; docs/protocol.md describes the same frames and
+// docs/asyncapi.yaml is the machine-readable contract (test/contract.test.ts keeps them in step).
 
 import { kindProblem } from "./kinds.js";
 import { parseTraceContext } from "./trace-context.js";
@@ -258,7 +259,7 @@ export interface DeliverFields {
   origin: string;
   attempt: number;
   publishedAt: string;
-  /** JSON text, spliced in as it is: the relay never re-parses a payload it forwards. */
+  /** JSON text, spliced in as it is: inboundVerdict (inbound-policy.ts) has verified it to be exactly one JSON value, so it cannot add or override the fields before it. */
   payloadJson: string;
   traceparent?: string;
   tracestate?: string;

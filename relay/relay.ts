@@ -6,6 +6,7 @@
 import net from "node:net";
 import { HANDBACK_DELAY_MS, type Bus, type Consumption, type InboundMessage } from "./bus/bus.js";
 import { createBus } from "./bus/create.js";
+import { FAST_PATH_STATES } from "./bus/nats-internals.js";
 import type { RelayConfig } from "./config.js";
 import { DeliveryMachine, type ArrivalSource } from "./delivery.js";
 import { InboundGate } from "./inbound-gate.js";
@@ -17,6 +18,7 @@ import { Publisher } from "./publisher.js";
 import { readiness, type ReadinessReport } from "./readiness.js";
 import { StatusReporter } from "./status.js";
 import { ReplaySource } from "./replay.js";
+import { loadTracing, type RelayTracing } from "./trace-loader.js";
 import { DAEMON_BUSY_TIMEOUT_MS, RelayStore } from "./store/store.js";
 
 export type RelayState = "new" | "starting" | "running" | "closing" | "closed";
@@ -44,6 +46,8 @@ export class Relay {
   private server: LocalServer | undefined;
   private publisher: Publisher | undefined;
   private tracker: DeliveryMachine | undefined;
+  /** Span export, only when OTLP is configured (see trace-loader.ts). */
+  private tracing: RelayTracing | undefined;
   /** Messages from the bus: it redelivers by itself; their dead letters are new rows in the store. */
   private readonly busSource: ArrivalSource = {
     name: "bus",
@@ -98,8 +102,10 @@ export class Relay {
           this.metrics.natsStale.inc();
           this.log.error({ reason }, "NATS connection silently cut off; publishes go to the outbox until it answers again");
         },
+        fastPath: (path, state) => this.metrics.setFastPath(path, state, FAST_PATH_STATES),
       });
       await this.bus.start();
+      this.tracing = await loadTracing({ instanceId: this.cfg.instanceId, bus: this.bus.name, logger: this.log });
       this.publisher = new Publisher({ bus: this.bus, store: this.store, outboxMax: this.cfg.outboxMax, metrics: this.metrics, logger: this.log });
       this.tracker = new DeliveryMachine({
         maxDeliver: this.cfg.maxDeliver,
@@ -107,12 +113,14 @@ export class Relay {
         nackDelayMs: this.cfg.nackDelayMs,
         metrics: this.metrics,
         logger: this.log,
+        tracing: this.tracing,
       });
       this.gate = new InboundGate({
         instanceId: this.cfg.instanceId,
         metrics: this.metrics,
         logger: this.log,
         deliver: (m, source) => this.tracker!.offer(m, source),
+        refuse: (m, source, reason, onRecorded) => this.tracker!.refuse(m, source, reason, onRecorded),
       });
       this.replay = new ReplaySource({
         store: this.store,
@@ -178,8 +186,6 @@ export class Relay {
     const idle = (await t?.waitIdle(this.cfg.drainTimeoutMs)) ?? true;
     const released = t?.releaseAll(HANDBACK_DELAY_MS) ?? 0; // see HANDBACK_DELAY_MS
     if (!idle || released > 0) this.log.warn({ released }, "drain timeout: unacked deliveries handed back for redelivery");
-    if (this.gate && !(await this.gate.waitIdle(this.cfg.drainTimeoutMs)))
-      this.log.error("dead letters of rejected inbound messages still being written at shutdown are left to the bus, which redelivers them");
     if (t && !(await t.waitRecorded(this.cfg.drainTimeoutMs)))
       this.log.error({ recording: t.recordingCount }, "dead letters still being written at shutdown are left to the bus, which redelivers them");
     await this.server?.closeSessions(CLOSE_NORMAL, "relay shutting down");
@@ -312,15 +318,12 @@ export class Relay {
       this.metrics.traceContextDropped.inc();
       this.log.warn({ id: f.id, reason: f.traceDropped }, "dropped the publish's trace context; publishing without it");
     }
-    const outcome = await this.publisher!.publish({
-      id: f.id,
-      kind: f.kind,
-      origin: this.cfg.instanceId,
-      publishedAt: isoNow(),
-      payloadJson: f.payloadJson,
-      traceparent: f.traceparent,
-      tracestate: f.tracestate,
-    });
+    const msg = { id: f.id, kind: f.kind, origin: this.cfg.instanceId, publishedAt: isoNow(), payloadJson: f.payloadJson, traceparent: f.traceparent, tracestate: f.tracestate };
+    // With tracing, the message carries the publish span's context (a child of the controller's).
+    const span = this.tracing?.publish(msg);
+    if (span) (msg.traceparent = span.traceparent), (msg.tracestate = span.tracestate);
+    const outcome = await this.publisher!.publish(msg);
+    span?.end(outcome.status);
     if (outcome.status === "unavailable" || outcome.status === "refused") {
       (outcome.status === "unavailable" ? this.metrics.unavailable : this.metrics.refused).inc();
       s.sendError({ id: f.id, code: outcome.status, message: outcome.reason });
@@ -352,6 +355,7 @@ export class Relay {
   }
 
   private onBusMessage(m: InboundMessage): void {
+    if (this.tracing && m.origin !== this.cfg.instanceId) this.tracing.receive(m);
     this.admit(m, this.busSource);
   }
 
@@ -383,5 +387,6 @@ export class Relay {
       this.log.warn({ err }, "closing the bus failed");
     }
     this.store?.close();
+    await this.tracing?.shutdown();
   }
 }

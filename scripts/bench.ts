@@ -22,6 +22,12 @@
 //   --backlog <n>    <n> messages backlogged for a slow controller: the relays' peak RSS
 //   --alt n=main.js  also measure another relay build (A/B: e.g. before/after an optimisation); sqlite:n=main.js on the embedded bus
 //   --profile <dir>  relays under node --cpu-prof (see scripts/cpuprofile-top.ts)
+//   --tracing        the relays export spans over OTLP/HTTP to a sink this process runs (the cost
+//                    of tracing; without it the relays get no OTEL_* variable and load no tracing code)
+//   --cold           latency over the first --duration seconds (default 10) of fresh relays at
+//                    --rate, no warm-up at all (a new pod), with the p99 of each second
+//   --fanout <K>     K relays on one stream, everyone publishing (--rate each) and receiving
+//                    everyone else's, against K direct nats.js peers (scripts/lib/fanout.ts)
 // Diagnostics: BENCH_DUMP_LATENCY=<dir> keeps every latency sample; BENCH_RELAY_LOG_DIR=<dir>
 // keeps the relays' output; BENCH_CONTROLLER_NODE_ARGS adds node flags to the controllers.
 //
@@ -29,6 +35,7 @@
 //   npm run bench -- --rounds 5 --count 100000
 //   npm run bench -- --idle 60 --idle-samples 3
 //   npm run bench -- --backlog 100000
+//   npm run bench -- --fanout 4 --rounds 3
 
 import fs from "node:fs";
 import path from "node:path";
@@ -37,7 +44,9 @@ import { Command, InvalidArgumentError } from "commander";
 import { connect, nanos, type NatsConnection } from "@nats-io/transport-node";
 import { AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import { startNatsServer, type NatsServer } from "./lib/nats-server.js";
+import { benchFanout, defaultFanoutRate } from "./lib/fanout.js";
 import { forkChild, machineInfo, procStats, startRelay, tempDir, type Child, type RelayProc } from "./lib/procs.js";
+import { startOtlpSink, type OtlpSink } from "./lib/otlp-sink.js";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CONTROLLER = path.join(here, "bench-controller.js");
@@ -88,11 +97,14 @@ const program = new Command("bench")
   .option("--quick", "small counts, one round, short duration (< 30 s)")
   .option("--relay-args <args>", "extra arguments for every relay (space-separated), e.g. \"--max-in-flight 512\"")
   .option("--profile <dir>", "run the relays under node --cpu-prof, profiles written to <dir>")
+  .option("--tracing", "relays export spans over OTLP/HTTP to a local sink (measures the cost of tracing)")
   .option("--relay-node-args <args>", "extra node flags for every relay (space-separated), e.g. \"--heap-prof\"")
   .option("--idle <s>", "instead: first-message latency after <s> seconds of silence", num(0))
   .option("--idle-samples <n>", "idle periods to measure (--idle)", int(1), 1)
   .option("--backlog <n>", "instead: backlog <n> messages for a slow controller and report relay RSS", int(1))
   .option("--alt <name=main.js>", "also measure another relay build on JetStream, as path relay@<name>; sqlite:<name>=main.js on the embedded bus, as sqlite@<name> (repeatable)", (v: string, prev: string[] = []) => [...prev, v])
+  .option("--cold", "instead: latency at --rate over the first --duration s (default 10) after the relays start, no warm-up")
+  .option("--fanout <K>", "instead: K relays on one stream, all publishing at --rate each (default 200/100/50 msg/s for K = 2/4/8) and receiving each other's, against K direct peers", int(2))
   .option("--slow-rate <msg/s>", "how fast the slow controller settles (--backlog)", num(1), 500)
   .option("--hold <s>", "how long the slow controller keeps the backlog before draining (--backlog)", num(0), 10)
   .parse();
@@ -117,6 +129,9 @@ interface Options {
   slowRate: number;
   hold: number;
   alt?: string[];
+  tracing?: boolean;
+  fanout?: number;
+  cold?: boolean;
 }
 const o = program.opts<Options>();
 const quick = o.quick === true;
@@ -149,6 +164,10 @@ const relayNodeArgs = [
   ...(o.relayNodeArgs ? o.relayNodeArgs.split(/\s+/).filter(Boolean) : []),
 ];
 if (o.profile) fs.mkdirSync(path.resolve(o.profile), { recursive: true });
+
+/** --tracing: the OTLP sink the relays export to. */
+let sink: OtlpSink | undefined;
+const tracingEnv = (): Record<string, string> | undefined => (sink ? { OTEL_EXPORTER_OTLP_ENDPOINT: sink.url, OTEL_SERVICE_NAME: "uptrakit-relay-bench" } : undefined);
 
 const log = (s: string): void => void process.stderr.write(`${s}\n`);
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -240,7 +259,7 @@ async function startRig(name: PathName, nats: NatsServer, jsm: JetStreamManager,
       }
       const started = await Promise.allSettled(
         ["a", "b"].map((x) =>
-          startRelay({ instanceId: `bench-${tag}-${x}`, ...bus, args: settings.relayArgs, nodeArgs: relayNodeArgs, main: altMains.get(name) }),
+          startRelay({ instanceId: `bench-${tag}-${x}`, ...bus, args: settings.relayArgs, nodeArgs: relayNodeArgs, main: altMains.get(name), env: tracingEnv() }),
         ),
       );
       for (const s of started) if (s.status === "fulfilled") relays.push(s.value);
@@ -519,12 +538,82 @@ async function benchBacklog(nats: NatsServer, jsm: JetStreamManager, n: number):
   return { backlog: out };
 }
 
+// ---- cold: the first seconds of fresh relays ----------------------------------------------------------
+
+/** Latency from the first message on, with nothing sent before: what a new pod's controller sees. */
+async function benchCold(nats: NatsServer, jsm: JetStreamManager): Promise<Record<string, unknown>> {
+  const seconds = o.duration ?? 10;
+  const n = Math.max(1, Math.round(settings.rate * seconds));
+  const out: Record<string, unknown> = {};
+  const rounds: Record<string, Array<{ p50: number; p99: number; max: number; perSecondP99: number[]; startCpuS: number; cpuUsPerMsg: number }>> = {};
+  for (let round = 1; round <= settings.rounds; round++)
+    for (const p of settings.paths) {
+      log(`cold ${seconds} s at ${settings.rate} msg/s, round ${round}/${settings.rounds}: ${p} ...`);
+      const rig = await startRig(p, nats, jsm, `c${round}${p.replace(/[^A-Za-z0-9]/g, "").slice(0, 20)}`);
+      try {
+        // The relays' CPU (JetStream, SQLite) or the direct clients' (direct): start-up, then per message.
+        const pids = rig.relays.length ? rig.relays.map((r) => r.pid) : [rig.pub.pid, rig.sub.pid];
+        const cpu0 = cpuOf(pids);
+        const { recv } = await transfer(rig, n, { rate: settings.rate }, true, seconds * 1000 + 60_000);
+        const cpuUsPerMsg = round2(((cpuOf(pids) - cpu0) * 1e6) / n, 1);
+        const lat = recv.lat ?? [];
+        const all = Float64Array.from(lat).sort();
+        // Message s was published about s / rate seconds after the start: one bucket per second.
+        const perSecondP99: number[] = [];
+        for (let i = 0; i * settings.rate < lat.length; i++)
+          perSecondP99.push(round2(percentile(Float64Array.from(lat.slice(i * settings.rate, (i + 1) * settings.rate)).sort(), 0.99)));
+        const r = { p50: round2(percentile(all, 0.5)), p99: round2(percentile(all, 0.99)), max: round2(all[all.length - 1] ?? NaN), perSecondP99, startCpuS: round2(cpu0, 2), cpuUsPerMsg };
+        (rounds[p] ??= []).push(r);
+        log(`  ${p}: p50 ${r.p50}  p99 ${r.p99}  max ${r.max} ms; p99 by second: ${perSecondP99.join(" ")}; CPU at start ${r.startCpuS} s, then ${cpuUsPerMsg} µs/msg`);
+      } finally {
+        await rig.stop();
+      }
+    }
+  process.stdout.write(`\nfirst ${seconds} s of fresh relays at ${settings.rate} msg/s, no warm-up (ms; medians of ${settings.rounds} round${settings.rounds === 1 ? "" : "s"}, worst in brackets):\n`);
+  for (const [p, rs] of Object.entries(rounds)) {
+    const m = (k: "p50" | "p99" | "max" | "startCpuS" | "cpuUsPerMsg"): number => median(rs.map((r) => r[k]));
+    const w = (k: "p50" | "p99" | "max"): number => Math.max(...rs.map((r) => r[k]));
+    const perSecond = rs[0]!.perSecondP99.map((_, i) => round2(median(rs.map((r) => r.perSecondP99[i] ?? NaN))));
+    out[p] = { p50: round2(m("p50")), p99: round2(m("p99")), max: round2(m("max")), worstP99: round2(w("p99")), perSecondP99: perSecond, startCpuS: m("startCpuS"), cpuUsPerMsg: m("cpuUsPerMsg") };
+    process.stdout.write(
+      `  ${p.padEnd(10)} p50 ${m("p50").toFixed(3)}  p99 ${m("p99").toFixed(3)} [${w("p99").toFixed(3)}]  max ${m("max").toFixed(3)}  p99 by second: ${perSecond.join(" ")}` +
+        `  CPU ${m("cpuUsPerMsg").toFixed(1)} µs/msg (${p === "direct" ? "clients" : "relays"}; start-up ${m("startCpuS").toFixed(2)} s)\n`,
+    );
+  }
+  return { cold: { seconds, rate: settings.rate, ...out, rounds } };
+}
+
+// ---- fan-out (scripts/lib/fanout.ts) ----------------------------------------------------------------
+
+function fanoutOptions(k: number): Parameters<typeof benchFanout>[2] {
+  // JetStream only: the embedded bus is one host's, not a fleet's.
+  const paths = settings.paths.filter((p) => p === "direct" || p === "relay" || p.startsWith("relay@"));
+  return {
+    k,
+    // --rate is per controller here; its default (1000, for the latency run) does not apply.
+    rate: program.getOptionValueSource("rate") === "default" ? defaultFanoutRate(k) : settings.rate,
+    durationS: settings.durationS,
+    warmupS: quick ? 0.5 : 2,
+    size: settings.size,
+    rounds: settings.rounds,
+    paths,
+    altMains,
+    relayArgs: settings.relayArgs,
+    relayNodeArgs,
+    log,
+  };
+}
+
 // ---- main -------------------------------------------------------------------------------------------
 
 async function main(): Promise<void> {
   const started = Date.now();
   const machine = machineInfo();
   log(`machine: ${machine.nproc} cores (${machine.cpu}), node ${machine.node}, ${machine.natsServer}`);
+  if (o.tracing) {
+    sink = await startOtlpSink();
+    log(`tracing on: relays export spans to ${sink.url}`);
+  }
   const nats = await startNatsServer({ storePrefix: "uptrakit-bench-nats-" });
   let nc: NatsConnection | undefined;
   let result: Record<string, unknown>;
@@ -533,12 +622,19 @@ async function main(): Promise<void> {
     const jsm = await jetstreamManager(nc);
     if (o.idle !== undefined) result = await benchIdle(nats, jsm, o.idle);
     else if (o.backlog !== undefined) result = await benchBacklog(nats, jsm, o.backlog);
+    else if (o.cold) result = await benchCold(nats, jsm);
+    else if (o.fanout !== undefined) result = await benchFanout(nats, jsm, fanoutOptions(o.fanout));
     else result = await benchMain(nats, jsm);
   } finally {
     await nc?.close().catch(() => undefined);
     await nats.stop();
   }
-  const doc = { ...result, machine, settings: { ...settings, quick }, seconds: round2((Date.now() - started) / 1000, 1) };
+  const tracing = sink ? { tracing: sink.stats() } : {};
+  if (sink) {
+    await sink.close();
+    process.stdout.write(`tracing: ${tracing.tracing!.spans} spans exported in ${tracing.tracing!.requests} OTLP requests (${round2(tracing.tracing!.bytes / 1e6, 1)} MB)\n`);
+  }
+  const doc = { ...result, ...tracing, machine, settings: { ...settings, quick, tracing: o.tracing === true }, seconds: round2((Date.now() - started) / 1000, 1) };
   if (o.json) fs.writeFileSync(o.json, JSON.stringify(doc, null, 2) + "\n");
   log(`done in ${((Date.now() - started) / 1000).toFixed(1)} s`);
 }

@@ -1,7 +1,10 @@
 // Summarises a .cpuprofile (node --cpu-prof; `npm run bench -- --profile <dir>` writes one per relay):
 // the functions with the most self time, and the most inclusive time.
 //
-//   node dist/scripts/cpuprofile-top.js <file.cpuprofile> [--top 30]
+//   node dist/scripts/cpuprofile-top.js <file.cpuprofile> [--top 30] [--window <from>-<to>]
+//
+// --window: only the samples taken from <from> to <to> seconds after the profile started (e.g.
+// 0-2 for a relay's start-up and first traffic, 5-10 for the same process warmed up).
 
 import fs from "node:fs";
 import path from "node:path";
@@ -21,9 +24,15 @@ interface Profile {
 }
 
 const args = process.argv.slice(2);
-const file = args.find((a) => !a.startsWith("--"));
+const file = args.find((a, i) => !a.startsWith("--") && !["--top", "--window"].includes(args[i - 1] ?? ""));
 const topIdx = args.indexOf("--top");
 const top = topIdx >= 0 ? Number(args[topIdx + 1]) : 30;
+const winIdx = args.indexOf("--window");
+const win = winIdx >= 0 ? /^([\d.]+)-([\d.]+)$/.exec(args[winIdx + 1] ?? "") : null;
+if (winIdx >= 0 && !win) {
+  process.stderr.write("--window wants <from>-<to> in seconds, e.g. 0-2\n");
+  process.exit(2);
+}
 if (!file) {
   process.stderr.write("usage: cpuprofile-top <file.cpuprofile> [--top N]\n");
   process.exit(2);
@@ -32,7 +41,10 @@ const prof = JSON.parse(fs.readFileSync(file, "utf8")) as Profile;
 
 // Time per node from the sample deltas.
 const selfUs = new Map<number, number>();
+let at = 0; // µs since the profile started
 for (let i = 0; i < prof.samples.length; i++) {
+  at += prof.timeDeltas[i] ?? 0;
+  if (win && (at < Number(win[1]) * 1e6 || at >= Number(win[2]) * 1e6)) continue;
   const id = prof.samples[i]!;
   selfUs.set(id, (selfUs.get(id) ?? 0) + (prof.timeDeltas[i] ?? 0));
 }

@@ -54,6 +54,30 @@ t.test("bench --quick writes the figures as JSON", async (t) => {
     t.ok(Math.abs((doc.ratios![k] as number) - ratio(k)) <= 0.001 * ratio(k) + 1e-4, `ratios.${k} is relay ÷ direct`);
 });
 
+t.test("bench --fanout 2 runs relays and direct peers on one stream and reports per-delivery figures", async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "uptrakit-bench-test-"));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, "fanout.json");
+  const r = await run(["--fanout", "2", "--quick", "--duration", "2", "--json", file]);
+  t.equal(r.code, 0, `exit code (stderr: ${r.stderr.slice(-2000)})`);
+  t.match(r.stdout, /relay ÷ direct: relays' own CPU/, "prints the ratios");
+
+  const f = (JSON.parse(fs.readFileSync(file, "utf8")) as { fanout: Record<string, Record<string, unknown>> }).fanout;
+  t.equal(f.k, 2);
+  t.equal(f.rate, 200, "the issue's default rate for K = 2");
+  // Each of the 2 peers receives the other's 200 msg/s × 2 s, every one exactly once.
+  for (const p of ["direct", "relay"]) {
+    const x = f[p]!;
+    t.equal(x.deliveries, 2 * 1 * 400, `${p}: every peer got every other peer's messages`);
+    for (const k of ["p50", "p99", "pathCpuUsPerDelivery"]) t.ok(positive(x[k]), `${p}.${k} is a positive finite number (${String(x[k])})`);
+    t.equal(x.echoesDelivered, 0, `${p}: no controller saw its own message`);
+  }
+  t.ok(positive(f.relay!.relayCpuUsPerDelivery), "relay.relayCpuUsPerDelivery");
+  const ratios = (f.ratios as unknown as Record<string, Record<string, unknown>>).relay!;
+  for (const k of ["relayCpu", "pathCpu", "p50", "p99"]) t.ok(positive(ratios[k]), `ratios.relay.${k} (${String(ratios[k])})`);
+  t.ok(Math.abs((ratios.p99 as number) - (f.relay!.p99 as number) / (f.direct!.p99 as number)) < 0.01 * (ratios.p99 as number) + 1e-3, "ratios.relay.p99 is relay ÷ direct");
+});
+
 t.test("bench leaves no processes behind", async (t) => {
   // The bench started its own nats-server and relays with temporary dirs under os.tmpdir();
   // none of them may still be running.
@@ -63,6 +87,6 @@ t.test("bench leaves no processes behind", async (t) => {
     p.stdout.setEncoding("utf8").on("data", (c: string) => (out += c));
     p.once("exit", () => resolve(out));
   });
-  const leftovers = ps.split("\n").filter((l) => /uptrakit-bench-(nats|bench-)/.test(l) || l.includes("bench-controller.js"));
+  const leftovers = ps.split("\n").filter((l) => /uptrakit-bench-(nats|bench-)/.test(l) || l.includes("bench-controller.js") || l.includes("fanout-peer.js"));
   t.same(leftovers, [], "no nats-server, relay or controller of the bench is left running");
 });

@@ -81,6 +81,7 @@ const EXISTING: Array<[string, string]> = [
 ];
 const NEW: Array<[string, string]> = [
   ["--token-file", "UPTRAKIT_RELAY_TOKEN_FILE"], ["--nats-pass-file", "UPTRAKIT_NATS_PASS_FILE"], ["--nats-token-file", "UPTRAKIT_NATS_TOKEN_FILE"],
+  ["--fast-paths", "UPTRAKIT_RELAY_FAST_PATHS"],
   ["--readiness", "UPTRAKIT_RELAY_READINESS"],
 ];
 

@@ -7,6 +7,7 @@
 import t, { type Test } from "tap";
 import fs from "node:fs";
 import path from "node:path";
+import { fileURLToPath } from "node:url";
 import { connect, headers, nanos } from "@nats-io/transport-node";
 import { jetstreamManager, RetentionPolicy, StorageType } from "@nats-io/jetstream";
 import { startNatsServer, type NatsServer, type NatsServerOptions } from "./helpers/nats-server.js";
@@ -293,6 +294,37 @@ t.test("embedded bus: the bus file, peers on the same file, and alone on another
 
   const missing = await doctor(["--bus", `sqlite:${path.join(env.dir(), "nope.db")}`, "--instance-id", "emb-c", "--data-dir", lone.dataDir]);
   tt.same(failed(missing.report), ["bus.file"], "a missing bus file is a ✗");
+});
+
+t.test("with deploy/nats/least-privilege.conf's own users every check passes; without the read-only rights, peers says which", async (tt) => {
+  const env = setup(tt);
+  const example = fs.readFileSync(path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../deploy/nats/least-privilege.conf"), "utf8");
+  const confFrom = (text: string): string => {
+    const dir = env.dir();
+    const file = path.join(dir, "nats.conf");
+    fs.writeFileSync(file, text.replace(/store_dir: "[^"]*"/, `store_dir: "${path.join(dir, "js")}"`).replace(/^port: \d+$/m, "port: -1").replace(/^http_port: \d+$/m, ""));
+    return file;
+  };
+  const creds = (u: string): string[] => ["--nats-user", u, "--nats-pass", `change-me-${u}`];
+  const s = await env.nats({ jetstream: false, args: ["-c", confFrom(example)] });
+  const a = await env.relay("relay-a", s.url, creds("relay-a"));
+  await env.relay("relay-b", s.url, creds("relay-b"));
+  const c = await env.controller(a);
+  await c.publish("VersionCheckCompleted", {}, "lp-1");
+  const ok = await doctor(["--nats-url", s.url, ...creds("relay-a"), "--instance-id", "relay-a", "--data-dir", a.dataDir]);
+  tt.equal(ok.code, 0, `exit 0 with the relay's own least-privilege user:\n${ok.text}`);
+  tt.match(check(ok.report, "permissions")!.detail, /may publish on uptrakit\.push\.relay-a\.RelayDoctorProbe, create its consumer, pull from its consumer/);
+  await s.stop();
+
+  // The same users without the two read-only rights: the relay runs, doctor says what is missing.
+  const narrow = example.replace(/^\s*"\$JS\.API\.(CONSUMER\.LIST|STREAM\.MSG\.GET)\.UPTRAKIT_PUSH"\n/gm, "");
+  tt.not(narrow, example, "the example grants the two read-only rights");
+  const s2 = await env.nats({ jetstream: false, args: ["-c", confFrom(narrow)] });
+  const a2 = await env.relay("relay-a", s2.url, creds("relay-a"));
+  const r = await doctor(["--nats-url", s2.url, ...creds("relay-a"), "--instance-id", "relay-a", "--data-dir", a2.dataDir]);
+  tt.equal(r.code, 1, "exit 1");
+  tt.same(failed(r.report), ["peers"], "peers ✗");
+  tt.match(check(r.report, "peers")!.fix!, /\$JS\.API\.CONSUMER\.LIST\.UPTRAKIT_PUSH/, "names the permission to grant");
 });
 
 t.test("exit 2 when doctor cannot run (an invalid option)", async (tt) => {

@@ -61,6 +61,8 @@ export interface BusHooks {
   settleFailed?(what: string, err: unknown): void;
   /** The connection was found silently cut off (no answer to pings or to a probe). */
   connectionStale?(reason: string): void;
+  /** A nats.js fast path changed state (JetStream; relay/bus/nats-internals.ts). */
+  fastPath?(path: string, state: string): void;
 }
 
 export interface BusSettings {

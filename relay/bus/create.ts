@@ -23,6 +23,6 @@ export function busSettings(cfg: RelayConfig): BusSettings {
 export function createBus(cfg: RelayConfig, logger: Logger, hooks: BusHooks = {}): Bus {
   const settings = { ...busSettings(cfg), hooks };
   if (cfg.natsUrls.length > 0)
-    return new JetStreamBus({ ...settings, urls: cfg.natsUrls, replicas: cfg.replicas, auth: cfg.natsAuth, logger });
+    return new JetStreamBus({ ...settings, urls: cfg.natsUrls, replicas: cfg.replicas, auth: cfg.natsAuth, fastPaths: cfg.fastPaths, logger });
   return new SqliteBus({ ...settings, file: cfg.busFile, logger });
 }

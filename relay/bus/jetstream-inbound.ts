@@ -7,6 +7,9 @@ import { ackInfo, decodeHeader, readHeaders } from "./jetstream-wire.js";
 import { validTracestate, validTraceparent } from "../trace-context.js";
 
 export interface Settler {
+  /** The header-read and ack-reply fast paths (relay/bus/nats-internals.ts): undefined / "" when off. */
+  headerBlock(m: JsMsg): Uint8Array | undefined;
+  reply(m: JsMsg): string;
   cork(): void;
   /** Publishes a settle (+ACK, -NAK, +WPI, +TERM) to a message's reply subject. */
   respond(reply: string, data: Uint8Array): void;
@@ -36,7 +39,7 @@ export class JsInbound implements InboundMessage {
   readonly tracestate: string | undefined;
   readonly attempt: number;
   readonly seq: number;
-  /** The ack subject; "" if nats.js did not expose it (then settles go through `legacy`). */
+  /** The ack subject; "" without the ack-reply fast path (then settles go through `legacy`). */
   private readonly reply: string;
   private readonly legacy: JsMsg | undefined;
   private m: JsMsg | undefined;
@@ -48,9 +51,8 @@ export class JsInbound implements InboundMessage {
     m: JsMsg,
     private readonly settler: Settler,
   ) {
-    const h = readHeaders(m);
-    const reply = (m as unknown as { reply?: unknown }).reply;
-    this.reply = typeof reply === "string" ? reply : "";
+    const h = readHeaders(m, settler.headerBlock(m));
+    this.reply = settler.reply(m);
     if (!this.reply) this.legacy = m;
     const info = ackInfo(this.reply) ?? m.info;
     this.seq = info.streamSequence;
@@ -88,7 +90,8 @@ export class JsInbound implements InboundMessage {
   private readPayload(): void {
     const data = this.m!.data;
     this.utf8 = isUtf8(data);
-    this.payload = this.m!.string();
+    // The bytes as sent: nats.js's string() (a TextDecoder) would silently drop a leading BOM.
+    this.payload = Buffer.from(data.buffer, data.byteOffset, data.byteLength).toString("utf8");
     this.m = undefined;
   }
 

@@ -64,7 +64,11 @@ export async function readClockSkew(jsm: JetStreamManager, stream: string, origi
     let best: number | undefined;
     let samples = 0;
     for (const [subject] of subjects) {
-      const sm = await jsm.streams.getMessage(stream, { last_by_subj: subject }).catch(() => null);
+      // Gone since the counts were read (retention): no sample. Anything else (a permission) is the caller's.
+      const sm = await jsm.streams.getMessage(stream, { last_by_subj: subject }).catch((err: unknown) => {
+        if (/no message found|not found/i.test(String((err as Error)?.message ?? err))) return null;
+        throw err;
+      });
       if (!sm) continue;
       const published = Date.parse(sm.header?.get(HDR_PUBLISHED_AT) ?? "");
       const stored = sm.time.getTime();

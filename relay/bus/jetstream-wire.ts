@@ -4,9 +4,10 @@
 // canonicalisation and value validation per header, one string split per message); both showed in
 // the relay's profile, so the relay encodes and reads its own.
 
-import { MsgHdrsImpl, headers, type MsgHdrs } from "@nats-io/transport-node";
+import { headers, type MsgHdrs } from "@nats-io/transport-node";
 import type { JsMsg } from "@nats-io/jetstream";
 import type { BusMessage } from "./bus.js";
+import { handEncodedHeaders, type WireCodec } from "./nats-internals.js";
 
 export const SUBJECT_PREFIX = "uptrakit.push";
 export const SUBJECT_FILTER = `${SUBJECT_PREFIX}.>`;
@@ -43,20 +44,13 @@ const HDR_TRACESTATE = "tracestate";
 
 const CR_OR_LF = /[\r\n]/;
 
-/** Headers encoded once, by hand; nats.js's publish() sends whatever encode() returns. */
-class EncodedHeaders extends MsgHdrsImpl {
-  constructor(private readonly bytes: Uint8Array) {
-    super();
-  }
-
-  override encode(): Uint8Array {
-    return this.bytes;
-  }
-}
-
-export function publishHeaders(msg: BusMessage): MsgHdrs {
+/**
+ * The relay's headers for msg. `encoded` makes headers that send given bytes as they are (the
+ * header-encode fast path, relay/bus/nats-internals.ts); without it, nats.js's headers().
+ */
+export function publishHeaders(msg: BusMessage, encoded?: (bytes: Uint8Array) => MsgHdrs | undefined): MsgHdrs {
   const id = encodeHeader(msg.id); // percent-encoded: never holds CR or LF
-  if (CR_OR_LF.test(msg.origin) || CR_OR_LF.test(msg.kind) || CR_OR_LF.test(msg.publishedAt)) {
+  if (!encoded || CR_OR_LF.test(msg.origin) || CR_OR_LF.test(msg.kind) || CR_OR_LF.test(msg.publishedAt)) {
     // Not a relay-made message (those have validated ids, kinds and ISO times): the generic way,
     // which refuses such values.
     const h = headers();
@@ -78,7 +72,7 @@ export function publishHeaders(msg: BusMessage): MsgHdrs {
     (msg.traceparent === undefined ? "" : `${HDR_TRACEPARENT}: ${msg.traceparent.trim()}\r\n`) +
     (msg.tracestate === undefined ? "" : `${HDR_TRACESTATE}: ${msg.tracestate.trim()}\r\n`) +
     "\r\n";
-  return new EncodedHeaders(Buffer.from(text));
+  return encoded(Buffer.from(text)) ?? publishHeaders(msg);
 }
 
 interface RelayHeaders {
@@ -98,11 +92,10 @@ const RELAY_KEYS = [HDR_ORIGIN, HDR_ID, HDR_KIND, HDR_PUBLISHED_AT] as const;
 /**
  * The relay's headers of a delivered message ("" when absent), with the semantics of nats.js's
  * MsgHdrsImpl.decode() + get(): exact key match, first value wins, values trimmed. Reads the raw
- * header block when nats.js's message exposes it, else goes through m.headers.
+ * header block when given (the header-read fast path, relay/bus/nats-internals.ts), else m.headers.
  */
-export function readHeaders(m: JsMsg): RelayHeaders {
+export function readHeaders(m: Pick<JsMsg, "headers">, block?: Uint8Array): RelayHeaders {
   const out: RelayHeaders = { origin: "", id: "", kind: "", publishedAt: "", msgId: "", duplicated: "", traceparent: "", tracestate: "" };
-  const block = rawHeaderBlock(m);
   if (block === undefined) {
     const h = m.headers;
     if (h) {
@@ -150,15 +143,6 @@ export function readHeaders(m: JsMsg): RelayHeaders {
   return out;
 }
 
-/** The raw header block of a nats.js message (internals of MsgImpl); undefined when not found. */
-function rawHeaderBlock(m: JsMsg): Uint8Array | undefined {
-  const inner = (m as unknown as { msg?: { _msg?: { hdr?: unknown }; _rdata?: unknown } }).msg;
-  const hdr = inner?._msg?.hdr;
-  const data = inner?._rdata;
-  if (typeof hdr !== "number" || !(data instanceof Uint8Array)) return undefined;
-  return hdr > 0 ? data.subarray(0, hdr) : new Uint8Array(0);
-}
-
 // Header values cannot hold CR/LF and nats.js trims them: percent-encode a publish id (a no-op for
 // ordinary ids) so every id travels and comes back exactly.
 function encodeHeader(v: string): string {
@@ -191,3 +175,21 @@ export function ackInfo(reply: string): { deliveryCount: number; streamSequence:
   if (!Number.isSafeInteger(deliveryCount) || !Number.isSafeInteger(streamSequence)) return undefined;
   return { deliveryCount, streamSequence };
 }
+
+/** The start-up check's view of this format (NatsFastPaths.check): a sample message, both encodings. */
+export const wireCodec: WireCodec = {
+  encode: (fast) => publishHeaders(CHECK_SAMPLE, fast ? handEncodedHeaders : undefined),
+  readPublic: (h) => ({ ...readHeaders({ headers: h }) }),
+  parseBlock: (block) => ({ ...readHeaders({ headers: undefined }, block) }),
+};
+
+const CHECK_SAMPLE: BusMessage = {
+  id: "fast-path check/1 ü",
+  kind: "FastPathCheck",
+  origin: "fast-path-check",
+  publishedAt: "2026-01-01T00:00:00.000Z",
+  payloadJson: "{}",
+  // The optional headers too, so the check covers every header the relay writes.
+  traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+  tracestate: "congo=t61rcWkgMzE",
+};

@@ -3,7 +3,6 @@
 // consumer metadata, term() without a reason).
 
 import fs from "node:fs";
-import type { Writable } from "node:stream";
 import { setTimeout as sleep } from "node:timers/promises";
 import {
   connect,
@@ -14,6 +13,7 @@ import {
   nkeyAuthenticator,
   type Authenticator,
   type Msg,
+  type MsgHdrs,
   type NatsConnection,
   type NodeConnectionOptions,
   type Subscription,
@@ -53,13 +53,16 @@ import {
 import { JsInbound, type Settler } from "./jetstream-inbound.js";
 import { readJetStreamPeers } from "./jetstream-peers.js";
 import type { Peer } from "../peers.js";
-import { SUBJECT_FILTER, publishHeaders, subjectFor } from "./jetstream-wire.js";
+import { SUBJECT_FILTER, ackInfo, publishHeaders, readHeaders, subjectFor, wireCodec } from "./jetstream-wire.js";
+import { NatsFastPaths } from "./nats-internals.js";
 
 export type JetStreamBusOptions = BusSettings & {
   urls: string[];
   replicas: number;
   auth: NatsAuth;
   logger: Logger;
+  /** false: nats.js's public API only (--fast-paths off). */
+  fastPaths?: boolean;
 };
 
 /** An unreachable server must fail the connect within this. */
@@ -154,6 +157,9 @@ export class JetStreamBus implements Bus {
   private probing = false;
   /** The last probe went unanswered: disconnected until one is answered or nats.js reconnects. */
   private cutOff = false;
+  /** The shortcuts through nats.js internals, each checked before use (relay/bus/nats-internals.ts). */
+  private readonly fast: NatsFastPaths;
+  private readonly encodeHeaders: (bytes: Uint8Array) => MsgHdrs | undefined;
 
   constructor(opts: JetStreamBusOptions) {
     if (opts.urls.length === 0) throw new Error("JetStreamBus needs at least one NATS URL");
@@ -162,6 +168,8 @@ export class JetStreamBus implements Bus {
     // Config hands over URLs without credentials (secrets.ts); redacting again costs nothing and
     // keeps any other caller's `nats://user:pass@` out of every message built on `where`.
     this.where = opts.urls.map(redactUrl).join(", ");
+    this.fast = new NatsFastPaths({ enabled: opts.fastPaths !== false, logger: this.log, onState: (path, state) => opts.hooks?.fastPath?.(path, state) });
+    this.encodeHeaders = (bytes) => this.fast.encodedHeaders(bytes);
   }
 
   // ---- start-up -------------------------------------------------------------------------------
@@ -173,6 +181,8 @@ export class JetStreamBus implements Bus {
       const nc = await this.connect();
       this.nc = nc;
       this.watchConnection(nc);
+      step = "checking nats.js fast paths";
+      await this.fast.check(nc, wireCodec);
       step = "checking JetStream";
       this.jsm = await this.checkJetStream(nc);
       this.js = jetstream(nc, { timeout: API_TIMEOUT_MS });
@@ -499,7 +509,7 @@ export class JetStreamBus implements Bus {
       return Promise.reject(
         new BusUnavailableError(`JetStream bus is ${this.current.state}${this.current.reason ? ` (${this.current.reason})` : ""}`),
       );
-    const h = publishHeaders(msg);
+    const h = publishHeaders(msg, this.fast.on("header-encode") ? this.encodeHeaders : undefined);
     const token = (this.ackSeq++).toString(36);
     const subject = subjectFor(msg.origin, msg.kind);
     return new Promise<PublishResult>((resolve, reject) => {
@@ -857,11 +867,17 @@ export class JetStreamBus implements Bus {
   }
 
   private toInbound(m: JsMsg): InboundMessage {
+    this.fast.checkDelivery(m, this.readBlock, this.readPublic, ackInfo);
     return new JsInbound(m, this.settler);
   }
 
+  private readonly readBlock = (block: Uint8Array): Record<string, string> => ({ ...readHeaders({ headers: undefined }, block) });
+  private readonly readPublic = (h: MsgHdrs | undefined): Record<string, string> => ({ ...readHeaders({ headers: h }) });
+
   /** What a JsInbound needs to settle: cork the socket for the batch, log a failed settle. */
   private readonly settler: Settler = {
+    headerBlock: (m) => this.fast.headerBlock(m),
+    reply: (m) => this.fast.reply(m),
     cork: () => this.corkNats(),
     respond: (reply, data) => {
       if (!this.nc) throw new Error("not connected");
@@ -876,12 +892,12 @@ export class JetStreamBus implements Bus {
   /**
    * Holds the NATS socket's writes until the end of this event-loop turn. nats.js writes once per
    * microtask checkpoint, i.e. once per WebSocket read or NATS read that led to a publish or an
-   * ack; corking merges all of them from one turn into one writev. (The socket is nats.js's own,
-   * reached through its internals; without it this is a no-op.)
+   * ack; corking merges all of them from one turn into one writev. (The socket is nats.js's own:
+   * the socket-cork fast path; without it this is a no-op.)
    */
   private corkNats(): void {
     if (this.natsCorked) return;
-    const socket = (this.nc as unknown as { protocol?: { transport?: { socket?: Writable } } } | undefined)?.protocol?.transport?.socket;
+    const socket = this.fast.socket(this.nc);
     if (!socket || typeof socket.cork !== "function" || socket.destroyed) return;
     this.natsCorked = true;
     socket.cork();

@@ -59,6 +59,15 @@ import type { Peer } from "../peers.js";
 import { SCHEMA, migrate, prepareStatements, type CheckRow, type DeliveryRow, type SettleKind, type Statements } from "./sqlite-schema.js";
 
 /** Like JetStream's duplicate_window. */
+/** A settle waiting for its turn's transaction; `at` is when it was asked for. */
+interface PendingSettle {
+  kind: SettleKind;
+  seq: number;
+  attempt: number;
+  delayMs: number;
+  at: number;
+}
+
 export const DUPLICATE_WINDOW_MS = 2 * 60 * 1000;
 /** The data_version fallback poll, while consuming. */
 export const POLL_INTERVAL_MS = 40;
@@ -113,6 +122,11 @@ export class SqliteBus implements Bus {
   private publishQueue: Array<{ msg: BusMessage; resolve(r: PublishResult): void; reject(err: Error): void }> = [];
   private publishScheduled = false;
   private fetchTx!: (now: number) => { batch: DeliveryRow[]; nextDue: number | null };
+  /** Applies a batch of settles in one transaction (see settle()). */
+  private settleTx!: (batch: PendingSettle[]) => void;
+  /** Settles waiting for the end of this event-loop turn. */
+  private settleQueue: PendingSettle[] = [];
+  private settleScheduled = false;
   /** keepSelf false (at start): this consumer too goes if it has been idle too long. */
   private maintainTx!: (now: number, keepSelf: boolean) => { pruned: number; consumersRemoved: number };
 
@@ -227,13 +241,13 @@ export class SqliteBus implements Bus {
   async close(): Promise<void> {
     if (this.state.state === "closed") return;
     this.commitPublishes(); // what was asked for before close() is stored (or refused), not dropped
+    this.commitSettles(); // and the settles of this last turn are written
     this.stopConsuming();
     if (this.maintenanceTimer) clearInterval(this.maintenanceTimer);
     this.maintenanceTimer = undefined;
     const set = neighbours.get(this.file);
     set?.delete(this);
     if (set?.size === 0) neighbours.delete(this.file);
-    // Settles are synchronous writes: they are already in the file.
     if (this.db?.open) this.db.close();
     this.db = undefined;
     this.setStatus({ state: "closed" });
@@ -320,6 +334,11 @@ export class SqliteBus implements Bus {
       return { batch, nextDue: st.nextDue.get(stream, consumer) as number | null };
     });
     this.fetchTx = (now) => fetch.immediate(now);
+
+    const settle = db.transaction((batch: PendingSettle[]) => {
+      for (const x of batch) this.applySettle(x);
+    });
+    this.settleTx = (batch) => settle.immediate(batch);
 
     const maintain = db.transaction((now: number, keepSelf: boolean) => {
       const idleBefore = now - this.settings.inactiveThresholdMs;
@@ -585,27 +604,45 @@ export class SqliteBus implements Bus {
 
   /**
    * ack/term finish the message whichever delivery they come from; nak/working act only on the
-   * current delivery (a late call from a delivery that already expired is ignored).
+   * current delivery (a late call from a delivery that already expired is ignored). The settles
+   * of one event-loop turn (a controller's burst of acks, a batch of echoes) are written in one
+   * transaction at its end: one commit instead of one per message — the commit was the
+   * receiving relay's largest cost, and each one also woke every other relay on the file.
    */
   private settle(kind: SettleKind, seq: number, attempt: number, delayMs: number): void {
     if (!this.db) return; // closed: the delivery will be redelivered to the next run
-    const { stream, consumerName: consumer } = this;
+    this.settleQueue.push({ kind, seq, attempt, delayMs, at: Date.now() });
+    if (this.settleScheduled) return;
+    this.settleScheduled = true;
+    setImmediate(this.commitSettles);
+  }
+
+  private readonly commitSettles = (): void => {
+    this.settleScheduled = false;
+    const batch = this.settleQueue;
+    this.settleQueue = [];
+    if (batch.length === 0 || !this.db) return;
     try {
-      if (kind === "ack" || kind === "term") {
-        this.st.settleDelete.run(stream, consumer, seq);
-      } else if (kind === "nak" && attempt >= this.settings.maxDeliver) {
-        // The last delivery failed: nothing will redeliver it.
-        this.st.settleDeleteAttempt.run(stream, consumer, seq, attempt);
-      } else {
-        const wait = kind === "nak" ? Math.max(0, Number.isFinite(delayMs) ? delayMs : 0) : this.settings.ackWaitMs;
-        this.st.settleDelay.run(Date.now() + wait, stream, consumer, seq, attempt);
-      }
+      this.settleTx(batch);
     } catch (err) {
       // A lost settle means a redelivery (at-least-once), never a lost message.
-      this.log.debug({ bus: "sqlite", err: (err as Error).message, seq, settle: kind }, "bus settle failed");
-      this.settings.hooks?.settleFailed?.(kind, (err as Error).message);
+      this.log.debug({ bus: "sqlite", err: (err as Error).message, settles: batch.length }, "bus settles failed");
+      for (const x of batch) this.settings.hooks?.settleFailed?.(x.kind, (err as Error).message);
     }
     this.wake();
+  };
+
+  private applySettle({ kind, seq, attempt, delayMs, at }: PendingSettle): void {
+    const { stream, consumerName: consumer } = this;
+    if (kind === "ack" || kind === "term") {
+      this.st.settleDelete.run(stream, consumer, seq);
+    } else if (kind === "nak" && attempt >= this.settings.maxDeliver) {
+      // The last delivery failed: nothing will redeliver it.
+      this.st.settleDeleteAttempt.run(stream, consumer, seq, attempt);
+    } else {
+      const wait = kind === "nak" ? Math.max(0, Number.isFinite(delayMs) ? delayMs : 0) : this.settings.ackWaitMs;
+      this.st.settleDelay.run(at + wait, stream, consumer, seq, attempt);
+    }
   }
 
   // ---- info --------------------------------------------------------------------------------
@@ -621,6 +658,7 @@ export class SqliteBus implements Bus {
 
   async info(): Promise<StreamInfo> {
     if (!this.db) throw new BusUnavailableError(`the SQLite bus is ${this.state.state === "closed" ? "closed" : "not started"}`);
+    this.commitSettles(); // the figures include this turn's settles
     return this.readInfo(this.db, this.st);
   }
 

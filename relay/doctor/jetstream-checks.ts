@@ -85,8 +85,18 @@ export async function jetStreamChecks(cfg: RelayConfig, log: Logger, checks: Che
     replicasCheck(cfg, si, checks);
     await consumerCheck(cfg, jsm, want.consumer, checks);
     await permissionChecks(cfg, nc, checks);
-    const peers = await peersCheck(cfg, jsm, checks);
-    await clockCheck(cfg, jsm, peers, checks);
+    let peers: Peer[];
+    try {
+      peers = await peersCheck(cfg, jsm, checks);
+    } catch (err) {
+      checks.fail("peers", "peers", `cannot list the stream's consumers: ${(err as Error).message}`, `grant this relay's NATS user publish on $JS.API.CONSUMER.LIST.${cfg.stream} (read-only; see deploy/nats/least-privilege.conf), or run doctor with an operator's credentials`);
+      return undefined;
+    }
+    try {
+      await clockCheck(cfg, jsm, peers, checks);
+    } catch (err) {
+      checks.fail("clock", "clock skew", `cannot read the stream's messages: ${(err as Error).message}`, `grant this relay's NATS user publish on $JS.API.STREAM.MSG.GET.${cfg.stream} (read-only; see deploy/nats/least-privilege.conf)`);
+    }
     return peers;
   } finally {
     await nc.close().catch(() => undefined);

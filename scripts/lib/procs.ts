@@ -139,13 +139,18 @@ export interface RelayStartOptions {
   nodeArgs?: string[];
   /** Another build of the relay (A/B comparisons); default this tree's dist/relay/main.js. */
   main?: string;
+  /** Extra environment, e.g. OTEL_EXPORTER_OTLP_ENDPOINT (bench --tracing). */
+  env?: Record<string, string>;
 }
 
-/** Environment without any UPTRAKIT_* variable of the caller: the relay runs on its defaults. */
-function cleanEnv(): NodeJS.ProcessEnv {
+/**
+ * Environment without any UPTRAKIT_* or OTEL_* variable of the caller: the relay runs on its
+ * defaults, and exports spans only when asked (bench --tracing).
+ */
+function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("UPTRAKIT_")) env[k] = v;
-  return env;
+  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("UPTRAKIT_") && !k.startsWith("OTEL_")) env[k] = v;
+  return { ...env, ...extra };
 }
 
 export async function startRelay(o: RelayStartOptions): Promise<RelayProc> {
@@ -163,7 +168,7 @@ export async function startRelay(o: RelayStartOptions): Promise<RelayProc> {
     ...(o.natsUrl ? ["--nats-url", o.natsUrl] : ["--bus", `sqlite:${o.busFile!}`]),
     ...(o.args ?? []),
   ];
-  const proc = spawn(process.execPath, args, { env: cleanEnv(), stdio: ["ignore", "pipe", "pipe"] });
+  const proc = spawn(process.execPath, args, { env: cleanEnv(o.env), stdio: ["ignore", "pipe", "pipe"] });
   live.add(proc);
   let tail = "";
   let buf = "";

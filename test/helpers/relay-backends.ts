@@ -13,12 +13,15 @@ export interface Medium {
 }
 
 export interface RelayBackend {
-  name: "jetstream" | "sqlite";
+  name: "jetstream" | "jetstream-public-api" | "sqlite";
+  /** The bus the relay reports in its ready frame. */
+  bus: "jetstream" | "sqlite";
   create(): Promise<Medium>;
 }
 
 export const jetstreamBackend: RelayBackend = {
   name: "jetstream",
+  bus: "jetstream",
   async create() {
     const server = await startNatsServer();
     return { args: ["--nats-url", server.url], stop: () => server.stop() };
@@ -27,6 +30,7 @@ export const jetstreamBackend: RelayBackend = {
 
 export const sqliteBackend: RelayBackend = {
   name: "sqlite",
+  bus: "sqlite",
   async create() {
     const dir = tempDir("uptrakit-bus-");
     return {
@@ -36,4 +40,17 @@ export const sqliteBackend: RelayBackend = {
   },
 };
 
+/** JetStream with every shortcut through nats.js internals off (relay/bus/nats-internals.ts). */
+export const jetstreamPublicApiBackend: RelayBackend = {
+  name: "jetstream-public-api",
+  bus: "jetstream",
+  async create() {
+    const m = await jetstreamBackend.create();
+    return { ...m, args: [...m.args, "--fast-paths", "off"] };
+  },
+};
+
 export const backends: RelayBackend[] = [jetstreamBackend, sqliteBackend];
+
+/** For the delivery conformance suite: the relay on nats.js's public API alone must pass it too. */
+export const conformanceBackends: RelayBackend[] = [...backends, jetstreamPublicApiBackend];

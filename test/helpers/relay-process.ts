@@ -49,10 +49,10 @@ export function tempDir(prefix = "uptrakit-test-"): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
 }
 
-/** Environment without any UPTRAKIT_* variable of the caller, so tests are not steered by it. */
+/** Environment without any UPTRAKIT_* or OTEL_* variable of the caller, so tests are not steered by it. */
 function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("UPTRAKIT_")) env[k] = v;
+  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("UPTRAKIT_") && !k.startsWith("OTEL_")) env[k] = v;
   return { ...env, ...extra };
 }
 

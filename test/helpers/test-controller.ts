@@ -2,11 +2,14 @@
 // resolve on the frame itself (no sleeps).
 
 import { WebSocket } from "ws";
+import { checkReceivedFrame, checkSentFrame } from "./frame-schemas.js";
 
 export type Frame = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
 
 export class TestController {
   readonly frames: Frame[] = [];
+  /** Frames that were not JSON (a relay must never send one): kept, not thrown in the socket's handler. */
+  readonly unparsed: string[] = [];
   ready!: Frame;
   closeCode: number | undefined;
   closeReason: string | undefined;
@@ -19,7 +22,15 @@ export class TestController {
   private constructor(ws: WebSocket) {
     this.ws = ws;
     ws.on("message", (data, isBinary) => {
-      const f = JSON.parse(isBinary ? "{}" : data.toString()) as Frame;
+      const text = isBinary ? "{}" : data.toString();
+      let f: Frame;
+      try {
+        f = JSON.parse(text) as Frame;
+      } catch {
+        this.unparsed.push(text);
+        return;
+      }
+      if (!isBinary) checkReceivedFrame(text); // docs/asyncapi.yaml: throws on drift
       this.frames.push(f);
       const idx = this.frames.length - 1;
       for (const l of this.listeners) l(f);
@@ -89,6 +100,7 @@ export class TestController {
   }
 
   send(frame: Frame | string | Buffer, binary = false): void {
+    if (!binary) checkSentFrame(typeof frame === "string" ? frame : Buffer.isBuffer(frame) ? frame.toString("utf8") : JSON.stringify(frame));
     this.ws.send(typeof frame === "string" || Buffer.isBuffer(frame) ? frame : JSON.stringify(frame), { binary });
   }
 
