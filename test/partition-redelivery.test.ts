@@ -11,30 +11,24 @@
 import t from "tap";
 import { startTcpProxy } from "../scripts/lib/tcp-proxy.js";
 import { startNatsServer } from "./helpers/nats-server.js";
-import { runRelayCli, startRelay, tempDir, type RelayProcess } from "./helpers/relay-process.js";
-import { TestController, type Frame } from "./helpers/test-controller.js";
+import { runRelayCli, tempDir } from "./helpers/relay-process.js";
+import { Scene } from "./helpers/scene.js";
+import type { Frame } from "./helpers/test-controller.js";
 
 const MAX_DELIVER = 3;
 const ARGS = ["--ack-wait", "1500", "--max-deliver", String(MAX_DELIVER), "--nack-delay", "100"];
 
 t.test("published during a silent partition longer than several ack waits: delivered (or a dead letter) after the heal", async (t) => {
+  const scene = new Scene(t);
   const nats = await startNatsServer();
+  scene.onStop(() => nats.stop());
   const proxy = await startTcpProxy(nats.port);
-  const relays: RelayProcess[] = [];
-  const controllers: TestController[] = [];
-  t.teardown(async () => {
-    await Promise.all(controllers.map((c) => c.close().catch(() => undefined)));
-    await Promise.all(relays.map((r) => r.stop("SIGKILL")));
-    await proxy.close();
-    await nats.stop();
-  });
-  const a = await startRelay({ instanceId: "pub-a", natsUrl: nats.url, args: ARGS });
+  scene.onStop(() => proxy.close());
+  const a = await scene.relay({ instanceId: "pub-a", natsUrl: nats.url, args: ARGS });
   const bDir = tempDir();
-  const b = await startRelay({ instanceId: "cut-b", natsUrl: `nats://127.0.0.1:${proxy.port}`, dataDir: bDir, args: ARGS });
-  relays.push(a, b);
-  const ca = await TestController.connect(a.wsUrl);
-  const cb = await TestController.connect(b.wsUrl);
-  controllers.push(ca, cb);
+  const b = await scene.relay({ instanceId: "cut-b", natsUrl: `nats://127.0.0.1:${proxy.port}`, dataDir: bDir, args: ARGS });
+  const ca = await scene.controller(a.wsUrl);
+  const cb = await scene.controller(b.wsUrl);
   cb.onFrame((f) => {
     if (f.type === "deliver") cb.ack(f);
   });
@@ -70,22 +64,15 @@ t.test("published during a silent partition longer than several ack waits: deliv
 });
 
 t.test("a partition healed after the PubAck probe gave up but before the missed pings: the bus reconnects and flushes its outbox", async (t) => {
+  const scene = new Scene(t);
   const nats = await startNatsServer();
+  scene.onStop(() => nats.stop());
   const proxy = await startTcpProxy(nats.port);
-  const relays: RelayProcess[] = [];
-  const controllers: TestController[] = [];
-  t.teardown(async () => {
-    await Promise.all(controllers.map((c) => c.close().catch(() => undefined)));
-    await Promise.all(relays.map((r) => r.stop("SIGKILL")));
-    await proxy.close();
-    await nats.stop();
-  });
-  const a = await startRelay({ instanceId: "cut-a", natsUrl: `nats://127.0.0.1:${proxy.port}`, args: ARGS });
-  const b = await startRelay({ instanceId: "peer-b", natsUrl: nats.url, args: ARGS });
-  relays.push(a, b);
-  const ca = await TestController.connect(a.wsUrl);
-  const cb = await TestController.connect(b.wsUrl);
-  controllers.push(ca, cb);
+  scene.onStop(() => proxy.close());
+  const a = await scene.relay({ instanceId: "cut-a", natsUrl: `nats://127.0.0.1:${proxy.port}`, args: ARGS });
+  const b = await scene.relay({ instanceId: "peer-b", natsUrl: nats.url, args: ARGS });
+  const ca = await scene.controller(a.wsUrl);
+  const cb = await scene.controller(b.wsUrl);
   cb.onFrame((f) => {
     if (f.type === "deliver") cb.ack(f);
   });

@@ -5,28 +5,21 @@
 import t from "tap";
 import { startTcpProxy } from "../scripts/lib/tcp-proxy.js";
 import { startNatsServer } from "./helpers/nats-server.js";
-import { startRelay, type RelayProcess } from "./helpers/relay-process.js";
-import { TestController, type Frame } from "./helpers/test-controller.js";
+import { Scene } from "./helpers/scene.js";
+import type { Frame } from "./helpers/test-controller.js";
 
 const DETECT_WITHIN_MS = 10_000;
 
 t.test("silent partition: detected, publishes queued at once, nothing lost after the heal", async (t) => {
+  const scene = new Scene(t);
   const nats = await startNatsServer();
+  scene.onStop(() => nats.stop());
   const proxy = await startTcpProxy(nats.port);
-  const relays: RelayProcess[] = [];
-  const controllers: TestController[] = [];
-  t.teardown(async () => {
-    await Promise.all(controllers.map((c) => c.close().catch(() => undefined)));
-    await Promise.all(relays.map((r) => r.stop("SIGKILL")));
-    await proxy.close();
-    await nats.stop();
-  });
-  const a = await startRelay({ instanceId: "cut-a", natsUrl: `nats://127.0.0.1:${proxy.port}` });
-  const b = await startRelay({ instanceId: "peer-b", natsUrl: nats.url });
-  relays.push(a, b);
-  const ca = await TestController.connect(a.wsUrl);
-  const cb = await TestController.connect(b.wsUrl);
-  controllers.push(ca, cb);
+  scene.onStop(() => proxy.close());
+  const a = await scene.relay({ instanceId: "cut-a", natsUrl: `nats://127.0.0.1:${proxy.port}` });
+  const b = await scene.relay({ instanceId: "peer-b", natsUrl: nats.url });
+  const ca = await scene.controller(a.wsUrl);
+  const cb = await scene.controller(b.wsUrl);
   cb.onFrame((f) => {
     if (f.type === "deliver") cb.ack(f);
   });

@@ -6,8 +6,8 @@
 import t from "tap";
 import type { TapTest } from "./helpers/bus-conformance.js";
 import { startNatsServer } from "./helpers/nats-server.js";
-import { startRelay, type RelayProcess } from "./helpers/relay-process.js";
-import { TestController } from "./helpers/test-controller.js";
+import type { RelayProcess } from "./helpers/relay-process.js";
+import { Scene } from "./helpers/scene.js";
 
 const QUEUED = 5;
 
@@ -19,20 +19,13 @@ async function metric(r: RelayProcess, name: string): Promise<number | undefined
 }
 
 async function queueWhileNatsIsDown(t: TapTest, drainTimeout: string) {
+  const scene = new Scene(t);
   const nats = await startNatsServer();
-  const relays: RelayProcess[] = [];
-  const controllers: TestController[] = [];
-  t.teardown(async () => {
-    await Promise.all(controllers.map((c) => c.close().catch(() => undefined)));
-    await Promise.all(relays.map((r) => r.stop("SIGKILL")));
-    await nats.stop();
-  });
-  const a = await startRelay({ instanceId: "stopping-a", natsUrl: nats.url, args: ["--drain-timeout", drainTimeout] });
-  const b = await startRelay({ instanceId: "peer-b", natsUrl: nats.url });
-  relays.push(a, b);
-  const ca = await TestController.connect(a.wsUrl);
-  const cb = await TestController.connect(b.wsUrl);
-  controllers.push(ca, cb);
+  scene.onStop(() => nats.stop());
+  const a = await scene.relay({ instanceId: "stopping-a", natsUrl: nats.url, args: ["--drain-timeout", drainTimeout] });
+  const b = await scene.relay({ instanceId: "peer-b", natsUrl: nats.url });
+  const ca = await scene.controller(a.wsUrl);
+  const cb = await scene.controller(b.wsUrl);
   await nats.kill("SIGKILL");
   await a.waitForLog((l) => l.msg === "bus disconnected", 15_000);
   for (let i = 0; i < QUEUED; i++) {
