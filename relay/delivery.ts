@@ -4,10 +4,10 @@
 // last attempt, parking while no controller is connected and the hand-back on shutdown all live
 // here; docs/delivery.md has the transition table.
 //
-// Crash safety of the last attempt: the relay asks its bus for one arrival more than it delivers
-// (see busSettings). An arrival past --max-deliver is never shown to the controller: it becomes
-// the dead letter of an attempt nobody settled (the relay stopped, crashed or handed it back).
-// So a hand-back or a crash during the last attempt leaves the bus one arrival to tell us.
+// Crash safety of the last attempt: the relay asks its bus to redeliver without limit (see
+// busSettings). An arrival past --max-deliver is never shown to the controller: it becomes the
+// dead letter of an attempt nobody settled (the relay stopped, crashed or handed it back, or the
+// arrival was lost on the way). So however many arrivals go astray, the bus keeps one to tell us.
 
 import { randomBytes } from "node:crypto";
 import type { InboundMessage } from "./bus/bus.js";
@@ -176,7 +176,7 @@ export class DeliveryMachine {
       const reason =
         previous && previous.attempt >= this.o.maxDeliver && previous.deliveryId
           ? `not acked within ${this.o.ackWaitMs} ms`
-          : `attempt ${this.o.maxDeliver} of ${this.o.maxDeliver} was never settled (the relay stopped, crashed or handed it back during it)`;
+          : `attempt ${this.o.maxDeliver} of ${this.o.maxDeliver} was never settled (the relay stopped, crashed or handed it back during it, or the arrival was lost on the way)`;
       this.deadLetter({ ...entry, attempt: this.o.maxDeliver }, reason);
       return;
     }

@@ -1,7 +1,8 @@
 // The delivery state machine in-process, with a fake clock: first every edge of the table in
 // docs/delivery.md, one by one; then randomized scenarios (fast-check) against a model of a
-// JetStream consumer (arrivals capped at max_deliver, ack wait, nak delays, working, term) with
-// controller behaviours and faults (controller loss, graceful restart, crash, failing store),
+// JetStream consumer (unlimited arrivals, as the relay configures it; ack wait, nak delays,
+// working, term) with controller behaviours and faults (controller loss, graceful restart, crash,
+// failing store, arrivals lost on the way as in a silent partition),
 // checking that every message ends acked or as exactly one dead letter, and that the controller
 // never sees more than --max-deliver attempts.
 
@@ -309,7 +310,7 @@ t.test("every edge of the table", async (t) => {
 // ---- randomized: a JetStream-like broker, controller behaviours, faults --------------------------
 
 type Behaviour = "ack" | "nack" | "nackDelay" | "working" | "reject" | "silence" | "slow";
-type Fault = "none" | "detach" | "restart" | "crash" | "storeFails";
+type Fault = "none" | "detach" | "restart" | "crash" | "storeFails" | "partition";
 
 interface Scenario {
   maxDeliver: number;
@@ -340,6 +341,8 @@ class ProcessClock implements Clock {
 class Broker {
   readonly state = new Map<number, { arrivals: number; visibleAt: number; done: "acked" | "termed" | "exhausted" | null; current: number }>();
   consumer: { offer(m: InboundMessage): void; clock: ProcessClock } | undefined;
+  /** Until then arrivals are counted but reach no one (a pull into a silently cut connection). */
+  lostUntil = -1;
   constructor(
     private readonly clock: FakeClock,
     private readonly maxArrivals: number,
@@ -364,6 +367,7 @@ class Broker {
       s.arrivals++;
       s.visibleAt = now + this.ackWaitMs;
       const arrival = ++s.current;
+      if (now < this.lostUntil) continue;
       // A dead process settles nothing; nak and working act on the current arrival only.
       const alive = (): boolean => !consumer.clock.dead && !s.done;
       consumer.offer({
@@ -383,9 +387,10 @@ class Broker {
   }
 }
 
-async function runScenario(sc: Scenario): Promise<{ violations: string[]; transitions: number }> {
+/** The relay asks its bus for unlimited arrivals (relay/bus/create.ts); `maxArrivals` models other designs. */
+async function runScenario(sc: Scenario, maxArrivals = Infinity): Promise<{ violations: string[]; transitions: number }> {
   const clock = new FakeClock();
-  const broker = new Broker(clock, sc.maxDeliver + 1, sc.ackWaitMs);
+  const broker = new Broker(clock, maxArrivals, sc.ackWaitMs);
   // Like relay.db: one dead letter per message, however often it is written (see store.ts).
   const dead = new Set<number>();
   let storeFailures = 0;
@@ -452,6 +457,7 @@ async function runScenario(sc: Scenario): Promise<{ violations: string[]; transi
         pclock.dead = true; // nothing it held is settled, its timers never fire
         start();
       } else if (fault.kind === "storeFails") storeFailures += 3;
+      else if (fault.kind === "partition") broker.lostUntil = now + sc.ackWaitMs * 3;
     }
     broker.pump();
     await clock.advanceTo(now + pumpEvery);
@@ -466,16 +472,17 @@ async function runScenario(sc: Scenario): Promise<{ violations: string[]; transi
   return { violations, transitions };
 }
 
+const behaviour = fc.constantFrom<Behaviour>("ack", "nack", "nackDelay", "working", "reject", "silence", "slow");
+const fault = fc.record({ at: fc.integer({ min: 0, max: 8000 }), kind: fc.constantFrom<Fault>("detach", "restart", "crash", "storeFails", "partition") });
+const scenario = fc.record({
+  maxDeliver: fc.integer({ min: 1, max: 4 }),
+  ackWaitMs: fc.constantFrom(100, 250, 500),
+  messages: fc.integer({ min: 1, max: 6 }),
+  behaviours: fc.array(behaviour, { minLength: 1, maxLength: 8 }),
+  faults: fc.array(fault, { maxLength: 4 }),
+});
+
 t.test("randomized: every message ends acked or as one dead letter; never more than --max-deliver attempts shown", async (t) => {
-  const behaviour = fc.constantFrom<Behaviour>("ack", "nack", "nackDelay", "working", "reject", "silence", "slow");
-  const fault = fc.record({ at: fc.integer({ min: 0, max: 8000 }), kind: fc.constantFrom<Fault>("detach", "restart", "crash", "storeFails") });
-  const scenario = fc.record({
-    maxDeliver: fc.integer({ min: 1, max: 4 }),
-    ackWaitMs: fc.constantFrom(100, 250, 500),
-    messages: fc.integer({ min: 1, max: 6 }),
-    behaviours: fc.array(behaviour, { minLength: 1, maxLength: 8 }),
-    faults: fc.array(fault, { maxLength: 4 }),
-  });
   let scenarios = 0;
   let transitions = 0;
   const started = performance.now();
@@ -489,4 +496,13 @@ t.test("randomized: every message ends acked or as one dead letter; never more t
     { seed: Number(process.env.DELIVERY_SEED ?? 20261203), numRuns: Number(process.env.DELIVERY_RUNS ?? 150) },
   );
   t.pass(`${scenarios} scenarios, ${transitions} controller and fault transitions, in ${Math.round(performance.now() - started)} ms`);
+});
+
+t.test("the model can fail: with the broker capped at --max-deliver + 1 arrivals (the previous design), lost arrivals lose messages", async (t) => {
+  const r = await fc.check(
+    fc.asyncProperty(scenario, async (sc) => (await runScenario(sc, sc.maxDeliver + 1)).violations.length === 0),
+    { seed: Number(process.env.DELIVERY_SEED ?? 20261203), numRuns: 300 },
+  );
+  t.ok(r.failed, "fast-check finds a scenario that breaks the promise");
+  t.comment(`counterexample after ${r.numRuns} runs (shrunk): ${JSON.stringify(r.counterexample)}`);
 });

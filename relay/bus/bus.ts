@@ -8,7 +8,8 @@
 //   first created, from every origin (echo filtering is the relay's job, not the bus's).
 // - Each yielded message must be settled with ack(), nak(delay) or term(). An unsettled
 //   message is redelivered after ackWaitMs; working() restarts that clock. After maxDeliver
-//   deliveries the bus stops redelivering: the relay dead-letters on the last failed attempt.
+//   deliveries the bus stops redelivering (UNLIMITED_DELIVERIES: never; that is what the relay
+//   asks for, dead-lettering itself past --max-deliver).
 // - At most maxInFlight messages are unsettled at once (backpressure, not buffering).
 // - Consumer state (what was acked, delivery counts) survives a restart of the relay.
 
@@ -64,6 +65,9 @@ export interface BusHooks {
   /** A nats.js fast path changed state (JetStream; relay/bus/nats-internals.ts). */
   fastPath?(path: string, state: string): void;
 }
+
+/** BusSettings.maxDeliver for "redeliver until settled" (JetStream's max_deliver -1). */
+export const UNLIMITED_DELIVERIES = -1;
 
 export interface BusSettings {
   instanceId: string;

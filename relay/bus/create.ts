@@ -1,6 +1,6 @@
 // Picks the bus from the config: JetStream when NATS URLs are given, the embedded SQLite bus otherwise.
 
-import type { Bus, BusHooks, BusSettings } from "./bus.js";
+import { UNLIMITED_DELIVERIES, type Bus, type BusHooks, type BusSettings } from "./bus.js";
 import { JetStreamBus } from "./jetstream.js";
 import { SqliteBus } from "./sqlite.js";
 import { inactiveThresholdMs, type RelayConfig } from "../config.js";
@@ -11,9 +11,11 @@ export function busSettings(cfg: RelayConfig): BusSettings {
     instanceId: cfg.instanceId,
     stream: cfg.stream,
     ackWaitMs: cfg.ackWaitMs,
-    // One arrival more than the controller is shown: the last is the crash-safety arrival that
-    // turns an unsettled last attempt into a dead letter (see relay/delivery.ts).
-    maxDeliver: cfg.maxDeliver + 1,
+    // The bus redelivers without limit; the relay shows the controller at most --max-deliver
+    // attempts and turns any later arrival into the dead letter (docs/delivery.md). A cap on the
+    // bus would let arrivals lost on the way — a crash during the last attempt, pulls into a
+    // silently cut connection — use the message up with nobody left to record it.
+    maxDeliver: UNLIMITED_DELIVERIES,
     maxInFlight: cfg.maxInFlight,
     maxAgeMs: cfg.maxAgeMs,
     inactiveThresholdMs: inactiveThresholdMs(cfg),

@@ -11,7 +11,8 @@
 //   to it for the first time ("deliver new": created at the stream's last seq), last_active.
 // - bus_deliveries: one row per (consumer, seq) delivered and not yet finished: how many times
 //   it was delivered and when it becomes visible again (the ack-wait deadline or the end of a
-//   nak delay). ack()/term() delete the row; so does the expiry of the maxDeliver-th delivery.
+//   nak delay). ack()/term() delete the row; so does the expiry of the maxDeliver-th delivery
+//   (when there is a limit: the relay asks for none, UNLIMITED_DELIVERIES).
 //   The rows of a consumer are its unsettled messages (JetStream's "ack pending"): there are at
 //   most maxInFlight of them.
 //
@@ -44,6 +45,7 @@ import Database from "better-sqlite3";
 import {
   BusStartError,
   BusUnavailableError,
+  UNLIMITED_DELIVERIES,
   type Bus,
   type BusMessage,
   type BusSettings,
@@ -312,7 +314,7 @@ export class SqliteBus implements Bus {
         st.consumerCreate.run(stream, consumer, stream, now, now);
         cursor = st.consumerGet.get(stream, consumer) as number;
       }
-      st.expireExhausted.run(stream, consumer, now, maxDeliver);
+      if (maxDeliver !== UNLIMITED_DELIVERIES) st.expireExhausted.run(stream, consumer, now, maxDeliver);
       const batch = st.due.all(stream, consumer, now) as DeliveryRow[];
       const deadline = now + ackWaitMs;
       for (const r of batch) {
@@ -636,7 +638,7 @@ export class SqliteBus implements Bus {
     const { stream, consumerName: consumer } = this;
     if (kind === "ack" || kind === "term") {
       this.st.settleDelete.run(stream, consumer, seq);
-    } else if (kind === "nak" && attempt >= this.settings.maxDeliver) {
+    } else if (kind === "nak" && this.settings.maxDeliver !== UNLIMITED_DELIVERIES && attempt >= this.settings.maxDeliver) {
       // The last delivery failed: nothing will redeliver it.
       this.st.settleDeleteAttempt.run(stream, consumer, seq, attempt);
     } else {

@@ -169,7 +169,7 @@ async function consumerCheck(cfg: RelayConfig, jsm: JetStreamManager, want: Part
   const c = ci.config;
   const diffs: string[] = [];
   if (c.ack_policy !== want.ack_policy) diffs.push(`ack policy ${c.ack_policy}, expected ${want.ack_policy}`);
-  if (c.max_deliver !== want.max_deliver) diffs.push(`max deliver ${c.max_deliver}, expected ${want.max_deliver} (--max-deliver ${cfg.maxDeliver} + 1)`);
+  if (c.max_deliver !== want.max_deliver) diffs.push(`max deliver ${c.max_deliver}, expected ${want.max_deliver} (unlimited: the relay dead-letters past --max-deliver ${cfg.maxDeliver})`);
   if (c.ack_wait !== want.ack_wait) diffs.push(`ack wait ${seconds(c.ack_wait)}, expected ${seconds(want.ack_wait)} (--ack-wait)`);
   if ((c.filter_subject ?? "") !== want.filter_subject) diffs.push(`filter ${c.filter_subject ?? "none"}, expected ${want.filter_subject}`);
   const counts = `${ci.num_pending} pending, ${ci.num_ack_pending} awaiting ack, ${ci.num_redelivered} redelivered`;
@@ -179,9 +179,9 @@ async function consumerCheck(cfg: RelayConfig, jsm: JetStreamManager, want: Part
     checks.pass(
       "consumer",
       "this relay's consumer",
-      // max_deliver is one more than --max-deliver on purpose: the last arrival is the relay's own,
-      // which turns an unsettled last attempt into a dead letter (see relay/delivery.ts).
-      `${cfg.instanceId}: explicit acks, max deliver ${c.max_deliver} (--max-deliver ${cfg.maxDeliver} + 1 arrival that the relay turns into a dead letter), ack wait ${seconds(c.ack_wait)}; ${counts}`,
+      // Unlimited on purpose: the relay shows at most --max-deliver attempts and turns any later
+      // arrival into a dead letter (docs/delivery.md).
+      `${cfg.instanceId}: explicit acks, max deliver unlimited (the relay dead-letters after --max-deliver ${cfg.maxDeliver} attempts), ack wait ${seconds(c.ack_wait)}; ${counts}`,
     );
 }
 

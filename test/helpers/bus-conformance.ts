@@ -13,7 +13,7 @@
 
 import tap from "tap";
 import { performance } from "node:perf_hooks";
-import type { Bus, BusMessage, BusSettings, Consumption, InboundMessage, StreamInfo } from "../../relay/bus/bus.js";
+import { UNLIMITED_DELIVERIES, type Bus, type BusMessage, type BusSettings, type Consumption, type InboundMessage, type StreamInfo } from "../../relay/bus/bus.js";
 
 /** A tap test (the root `t` or a subtest's). */
 export type TapTest = Parameters<Parameters<typeof tap.test>[0]>[0];
@@ -340,6 +340,23 @@ export async function runBusConformance<S>(t: TapTest, backend: BusBackend<S>): 
     t.same(extra.map((m) => `${m.id}#${m.attempt}`), [], "nothing after the last delivery");
     t.same(inbox.received.filter(is("always-nak")).map((m) => m.attempt), [1, 2, 3], "always-nak: attempts 1..3");
     t.same(inbox.received.filter(is("never-settled")).map((m) => m.attempt), [1, 2, 3], "never-settled: attempts 1..3");
+  });
+
+  await test("UNLIMITED_DELIVERIES (what the relay asks for): redelivered past any cap until settled", async (t, w) => {
+    const ackWaitMs = 400;
+    const a = await w.bus("inst-a", { ackWaitMs, maxDeliver: UNLIMITED_DELIVERIES });
+    const { inbox } = w.consume(a, "a", (m) => {
+      if (m.id === "naked" && m.attempt < 7) m.nak(20);
+      else if (m.id === "naked") m.ack();
+      if (m.id === "expiring" && m.attempt >= 4) m.term(); // left to expire three times first
+    });
+    await a.publish(message("inst-a", "naked"));
+    await a.publish(message("inst-a", "expiring"));
+    await inbox.waitFor(is("naked", undefined, 7), "attempt 7 of naked");
+    await inbox.waitFor(is("expiring", undefined, 4), "attempt 4 of expiring");
+    const extra = await inbox.during(ackWaitMs * 2);
+    t.same(extra.map((m) => `${m.id}#${m.attempt}`), [], "nothing once settled");
+    t.same(inbox.received.filter(is("naked")).map((m) => m.attempt), [1, 2, 3, 4, 5, 6, 7], "naked: attempts 1..7");
   });
 
   await test("term() stops redelivery", async (t, w) => {
