@@ -52,6 +52,7 @@ import {
 } from "./bus.js";
 import { JsInbound, type Settler } from "./jetstream-inbound.js";
 import { readJetStreamPeers } from "./jetstream-peers.js";
+import { backoffMs } from "../clock.js";
 import type { Peer } from "../peers.js";
 import { SUBJECT_FILTER, ackInfo, publishHeaders, readHeaders, subjectFor, wireCodec } from "./jetstream-wire.js";
 import { NatsFastPaths } from "./nats-internals.js";
@@ -850,7 +851,7 @@ export class JetStreamBus implements Bus {
   }
 
   private async backoff(run: ConsumeRun, failures: number): Promise<void> {
-    await this.pause(run, Math.min(250 * 2 ** failures, 5_000));
+    await this.pause(run, backoffMs(failures, 5_000, 250));
   }
 
   /** Waits ms, or less if the consumption is stopped meanwhile. */
