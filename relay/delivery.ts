@@ -263,7 +263,7 @@ export class DeliveryMachine {
   /**
    * Shutdown: everything still held goes back to its source for a prompt redelivery (here after
    * a restart, or to this instance's successor) after delayMs. Safe for a last attempt too: the
-   * bus has one arrival left, which becomes its dead letter. A replayed dead letter needs
+   * bus redelivers without limit, and the arrival past --max-deliver becomes its dead letter. A replayed dead letter needs
    * nothing: it stays marked for replay in the store. Returns how many were released.
    */
   releaseAll(delayMs: number): number {
