@@ -17,6 +17,7 @@ import type { Logger } from "./log.js";
 import { readinessBody, type ReadinessReport } from "./readiness.js";
 import type { StatusSnapshot } from "./status.js";
 import { serveStatus } from "./status-page.js";
+import { encodeTextFrames } from "./ws-frames.js";
 
 export interface LocalServerOptions {
   host: string;
@@ -44,11 +45,14 @@ export interface LocalServerHooks {
 export class ControllerSession {
   private static nextNumber = 1;
   readonly number = ControllerSession.nextNumber++;
-  /** True while the socket is corked until the end of this tick (see send()). */
-  private corked = false;
+  /** Frames of this loop turn not yet written (see send()). */
+  private pending: string[] = [];
   constructor(
     private readonly ws: WebSocket,
-    /** The raw socket under ws: corked so that the frames of one tick leave in one write. */
+    /**
+     * The raw socket under ws, when frames may be written to it directly: ws then has no frame of
+     * its own queued (no permessage-deflate), so a whole frame written here cannot interleave.
+     */
     private readonly socket?: Duplex,
   ) {}
 
@@ -58,19 +62,20 @@ export class ControllerSession {
 
   send(frame: string): void {
     if (!this.open) return;
-    // Deliveries and answers come in bursts (a pull batch, a chunk of PubAcks): hold the socket
-    // until the tick ends, so a burst costs one writev instead of one syscall per frame.
-    if (this.socket && !this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      process.nextTick(this.uncork);
-    }
-    this.ws.send(frame);
+    if (!this.socket) return this.ws.send(frame);
+    // Deliveries and answers come in bursts (a pull batch, a chunk of PubAcks, spread over the
+    // I/O callbacks of one loop turn): collect them until the turn's I/O is done and write them
+    // in one buffer, one syscall instead of one per frame.
+    if (this.pending.length === 0) setImmediate(this.flush);
+    this.pending.push(frame);
   }
 
-  private readonly uncork = (): void => {
-    this.corked = false;
-    this.socket!.uncork();
+  /** Writes what send() collected. Also run before a close, so the close frame comes last. */
+  private readonly flush = (): void => {
+    if (this.pending.length === 0) return;
+    const frames = this.pending;
+    this.pending = [];
+    if (this.open && this.socket!.writable) this.socket!.write(encodeTextFrames(frames));
   };
 
   sendError(error: FrameError): void {
@@ -78,6 +83,7 @@ export class ControllerSession {
   }
 
   close(code: number, reason: string): void {
+    this.flush();
     if (this.ws.readyState === this.ws.OPEN || this.ws.readyState === this.ws.CONNECTING) this.ws.close(code, reason);
   }
 
@@ -258,7 +264,8 @@ export class LocalServer {
   }
 
   private onConnection(ws: WebSocket, socket: Duplex): void {
-    const session = new ControllerSession(ws, socket);
+    // Frames go straight to the socket unless an extension transforms them (none is offered).
+    const session = new ControllerSession(ws, ws.extensions === "" ? socket : undefined);
     this.sessions.add(session);
     ws.on("error", (err) => {
       this.o.logger.warn({ err: err.message, session: session.number }, "controller socket error");
