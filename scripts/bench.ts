@@ -55,7 +55,7 @@ const CONTROLLER = path.join(here, "bench-controller.js");
 type PathName = string;
 const ALL_PATHS: PathName[] = ["direct", "relay", "sqlite"];
 
-// The direct baseline mirrors the relay's stream and consumer settings (relay/bus/jetstream.ts).
+// The direct baseline mirrors the relay's stream and consumer settings (relay/bus/jetstream-provisioning.ts).
 const DIRECT_STREAM = "BENCH_DIRECT";
 const DIRECT_SUBJECT = "bench.direct.BenchEvent";
 const DIRECT_CONSUMER = "bench-direct";

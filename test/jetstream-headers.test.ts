@@ -1,5 +1,5 @@
 // The JetStream bus encodes and reads its message headers by hand (a hot path: see the comment on
-// readHeaders in relay/bus/jetstream.ts). These tests pin that to nats.js's own behaviour, and
+// readHeaders in relay/bus/jetstream-wire.ts). These tests pin that to nats.js's own behaviour, and
 // check that the nats.js internals the fast reader relies on are still there.
 
 import t from "tap";

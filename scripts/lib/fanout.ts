@@ -98,7 +98,7 @@ async function init(c: Child, msg: object): Promise<void> {
 
 async function resetDirect(jsm: JetStreamManager, k: number): Promise<void> {
   await jsm.streams.delete(DIRECT_STREAM).catch(() => false);
-  // The relay's stream and consumer settings (relay/bus/jetstream.ts), one durable per peer.
+  // The relay's stream and consumer settings (relay/bus/jetstream-provisioning.ts), one durable per peer.
   await jsm.streams.add({
     name: DIRECT_STREAM,
     subjects: ["bench.fanout.>"],
