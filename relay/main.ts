@@ -10,10 +10,8 @@ import { Relay } from "./relay.js";
 import { RelayStore } from "./store/store.js";
 import { createBus } from "./bus/create.js";
 import type { StreamInfo } from "./bus/bus.js";
-import { runDoctor } from "./doctor/doctor.js";
-import { readPeers } from "./doctor/peers-command.js";
-import { renderText } from "./doctor/report.js";
 import { formatPeersTable } from "./peers.js";
+// doctor and peers load their checks when run (import() in their actions): `run` never needs them.
 
 const program = new Command("uptrakit-relay")
   .description("Sidecar relay: cross-instance push notifications for Uptrakit controllers over NATS JetStream or an embedded SQLite bus")
@@ -165,7 +163,7 @@ async function printStreamInfo(opts: Record<string, unknown>): Promise<void> {
   const log = createLogger(cfg.logLevel === "info" ? "warn" : cfg.logLevel, cfg.instanceId);
   // inspect(), not start(): a diagnostic must never create or reconcile the stream or a consumer
   // (start() would set the stream to *these* options, e.g. 1 replica without --replicas).
-  const bus = createBus(cfg, log);
+  const bus = await createBus(cfg, log);
   let info: StreamInfo;
   try {
     info = await bus.inspect();
@@ -213,6 +211,7 @@ addConnectionOptions(
     process.exit(2);
   }
   try {
+    const [{ runDoctor }, { renderText }] = await Promise.all([import("./doctor/doctor.js"), import("./doctor/report.js")]);
     const report = await runDoctor(cfg, createLogger(cfg.logLevel === "info" ? "warn" : cfg.logLevel, cfg.instanceId));
     process.stdout.write(redactCredentials(opts.json ? JSON.stringify(report, null, 2) + "\n" : renderText(report)));
     process.exit(report.ok ? 0 : 1);
@@ -228,6 +227,7 @@ addConnectionOptions(
   const cfg = configOrFail(opts);
   let peers;
   try {
+    const { readPeers } = await import("./doctor/peers-command.js");
     peers = await readPeers(cfg, createLogger(cfg.logLevel === "info" ? "warn" : cfg.logLevel, cfg.instanceId));
   } catch (err) {
     fail((err as Error).message);

@@ -6,7 +6,6 @@
 import net from "node:net";
 import { HANDBACK_DELAY_MS, type Bus, type Consumption, type InboundMessage } from "./bus/bus.js";
 import { createBus } from "./bus/create.js";
-import { FAST_PATH_STATES } from "./bus/nats-internals.js";
 import type { RelayConfig } from "./config.js";
 import { DeliveryMachine, type ArrivalSource } from "./delivery.js";
 import { InboundGate } from "./inbound-gate.js";
@@ -93,7 +92,10 @@ export class Relay {
           if (failures === 1 || failures % 20 === 0) this.log.warn({ err: err.message, failures }, "relay store busy (another process holds it); retrying");
         },
       });
-      this.bus = createBus(this.cfg, this.log, {
+      // nats.js's internals only on JetStream: they load nats.js, which the embedded bus never needs.
+      const fastPathStates = this.cfg.natsUrls.length > 0 ? (await import("./bus/nats-internals.js")).FAST_PATH_STATES : [];
+      // await: so createBus can load just the configured bus's module (see relay/bus/create.ts).
+      this.bus = await createBus(this.cfg, this.log, {
         settleFailed: (what, err) => {
           this.metrics.settleFailures.inc();
           this.log.warn({ err, what }, "could not settle a message with the bus; it will be redelivered");
@@ -102,7 +104,7 @@ export class Relay {
           this.metrics.natsStale.inc();
           this.log.error({ reason }, "NATS connection silently cut off; publishes go to the outbox until it answers again");
         },
-        fastPath: (path, state) => this.metrics.setFastPath(path, state, FAST_PATH_STATES),
+        fastPath: (path, state) => this.metrics.setFastPath(path, state, fastPathStates),
       });
       await this.bus.start();
       this.tracing = await loadTracing({ instanceId: this.cfg.instanceId, bus: this.bus.name, logger: this.log });

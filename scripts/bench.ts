@@ -18,7 +18,8 @@
 // Figures quoted are the medians over --rounds rounds; ratios are relay ÷ direct of those medians.
 //
 // Other modes:
-//   --idle <s>       first-message latency after <s> seconds of silence (every path)
+//   --idle <s>       idle cost: each relay's CPU and RSS over <s> seconds of silence (fresh, then
+//                    after traffic), beside a bare node; then first-message latency (every path)
 //   --backlog <n>    <n> messages backlogged for a slow controller: the relays' peak RSS
 //   --alt n=main.js  also measure another relay build (A/B: e.g. before/after an optimisation); sqlite:n=main.js on the embedded bus
 //   --profile <dir>  relays under node --cpu-prof (see scripts/cpuprofile-top.ts)
@@ -45,7 +46,7 @@ import { connect, nanos, type NatsConnection } from "@nats-io/transport-node";
 import { AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import { startNatsServer, type NatsServer } from "./lib/nats-server.js";
 import { benchFanout, defaultFanoutRate } from "./lib/fanout.js";
-import { forkChild, machineInfo, procStats, startRelay, tempDir, type Child, type RelayProc } from "./lib/procs.js";
+import { forkChild, machineInfo, procStats, startBareNode, startRelay, tempDir, type Child, type RelayProc } from "./lib/procs.js";
 import { startOtlpSink, type OtlpSink } from "./lib/otlp-sink.js";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -99,7 +100,7 @@ const program = new Command("bench")
   .option("--profile <dir>", "run the relays under node --cpu-prof, profiles written to <dir>")
   .option("--tracing", "relays export spans over OTLP/HTTP to a local sink (measures the cost of tracing)")
   .option("--relay-node-args <args>", "extra node flags for every relay (space-separated), e.g. \"--heap-prof\"")
-  .option("--idle <s>", "instead: first-message latency after <s> seconds of silence", num(0))
+  .option("--idle <s>", "instead: relays' idle CPU and RSS over <s> seconds of silence (fresh and after traffic, beside a bare node), then first-message latency", num(0))
   .option("--idle-samples <n>", "idle periods to measure (--idle)", int(1), 1)
   .option("--backlog <n>", "instead: backlog <n> messages for a slow controller and report relay RSS", int(1))
   .option("--alt <name=main.js>", "also measure another relay build on JetStream, as path relay@<name>; sqlite:<name>=main.js on the embedded bus, as sqlite@<name> (repeatable)", (v: string, prev: string[] = []) => [...prev, v])
@@ -231,7 +232,8 @@ async function resetDirect(jsm: JetStreamManager): Promise<void> {
   });
 }
 
-async function startRig(name: PathName, nats: NatsServer, jsm: JetStreamManager, tag: string): Promise<Rig> {
+/** freshStream false: keep the relay stream (--idle runs several JetStream rigs at once on it). */
+async function startRig(name: PathName, nats: NatsServer, jsm: JetStreamManager, tag: string, freshStream = true): Promise<Rig> {
   const relays: RelayProc[] = [];
   const children: Child[] = [];
   const stop = async (): Promise<void> => {
@@ -252,7 +254,7 @@ async function startRig(name: PathName, nats: NatsServer, jsm: JetStreamManager,
       let bus: { natsUrl?: string; busFile?: string };
       if (name === "relay" || name.startsWith("relay@")) {
         // A fresh stream each time: every round starts from the same state.
-        await jsm.streams.delete(RELAY_STREAM).catch(() => false);
+        if (freshStream) await jsm.streams.delete(RELAY_STREAM).catch(() => false);
         bus = { natsUrl: nats.url };
       } else {
         bus = { busFile: path.join(tempDir("uptrakit-bench-bus-"), "bus.db") };
@@ -453,17 +455,111 @@ async function benchMain(nats: NatsServer, jsm: JetStreamManager): Promise<Recor
   };
 }
 
-// ---- idle: the first message after silence -----------------------------------------------------------
+// ---- idle: what a silent relay costs, and the first message after silence --------------------------
 
+interface IdleProc {
+  /** relay:a (the publishing controller's relay), relay:b (the receiving one's), direct:sub, baseline, ... */
+  label: string;
+  pid: number;
+}
+interface IdleReading {
+  /** utime + stime over the window, % of one core. */
+  cpuPct: number;
+  /** VmRSS at the end of the window, MB. */
+  rssMb: number;
+  /** Highest VmRSS seen during the window (sampled each second), MB. */
+  rssMaxMb: number;
+}
+
+/** Each process's CPU and RSS over `ms` of silence; the sampling itself is a /proc read a second. */
+async function sampleIdle(procs: IdleProc[], ms: number): Promise<Record<string, IdleReading>> {
+  const t0 = performance.now();
+  const start = new Map(procs.map((p) => [p.label, procStats(p.pid)]));
+  const max = new Map<string, number>();
+  const tick = (): void => {
+    for (const p of procs) {
+      const s = procStats(p.pid);
+      if (s) max.set(p.label, Math.max(max.get(p.label) ?? 0, s.rssMb));
+    }
+  };
+  tick();
+  const timer = setInterval(tick, 1_000);
+  await sleep(ms);
+  clearInterval(timer);
+  tick();
+  const seconds = (performance.now() - t0) / 1000;
+  const out: Record<string, IdleReading> = {};
+  for (const p of procs) {
+    const a = start.get(p.label);
+    const b = procStats(p.pid);
+    if (!a || !b) continue;
+    out[p.label] = { cpuPct: round2(((b.cpuSeconds - a.cpuSeconds) / seconds) * 100), rssMb: round2(b.rssMb, 1), rssMaxMb: round2(max.get(p.label) ?? b.rssMb, 1) };
+  }
+  return out;
+}
+
+/** The processes whose idle cost is reported: both relays of each relay path, the direct consumer, nats-server, a bare node. */
+function idleProcs(rigs: Rig[], nats: NatsServer, baselinePid: number): IdleProc[] {
+  const procs: IdleProc[] = [{ label: "baseline", pid: baselinePid }];
+  for (const rig of rigs)
+    if (rig.relays.length > 0) rig.relays.forEach((r, i) => procs.push({ label: `${rig.name}:${"ab"[i]}`, pid: r.pid }));
+    else procs.push({ label: `${rig.name}:sub`, pid: rig.sub.pid });
+  procs.push({ label: "nats-server", pid: nats.process.pid! });
+  return procs;
+}
+
+function idleTable(fresh: Record<string, IdleReading>, after: Record<string, IdleReading[]>, procs: IdleProc[]): string {
+  const f = (x: number | undefined, d: number): string => (x === undefined || !Number.isFinite(x) ? "-" : x.toFixed(d));
+  const range = (xs: number[], d: number): string => (xs.length > 1 ? ` (${f(Math.min(...xs), d)}-${f(Math.max(...xs), d)})` : "");
+  const rows: string[][] = [["process", "fresh CPU %", "fresh RSS MB", "fresh max", "after-traffic CPU %", "after-traffic RSS MB", "after-traffic max"]];
+  for (const { label } of procs) {
+    const a = after[label] ?? [];
+    const cpu = a.map((r) => r.cpuPct);
+    const rss = a.map((r) => r.rssMb);
+    rows.push([
+      label,
+      f(fresh[label]?.cpuPct, 2),
+      f(fresh[label]?.rssMb, 1),
+      f(fresh[label]?.rssMaxMb, 1),
+      f(median(cpu), 2) + range(cpu, 2),
+      f(median(rss), 1) + range(rss, 1),
+      f(Math.max(...a.map((r) => r.rssMaxMb)), 1),
+    ]);
+  }
+  const w = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  const lines = rows.map((r) => r.map((c, i) => (i === 0 ? c.padEnd(w[i]!) : c.padStart(w[i]!))).join("  "));
+  lines.splice(1, 0, w.map((n) => "-".repeat(n)).join("  "));
+  return lines.join("\n");
+}
+
+/**
+ * Two kinds of silence, controllers connected throughout:
+ *   fresh          the relays just started (their controllers connected, no message yet);
+ *   after traffic  after warm-up traffic through every path (then after each sample's message).
+ * Over each silent period: every relay's CPU and RSS, with a bare `node -e` idling alongside as
+ * the floor, measured the same way in the same run. After each after-traffic period: the latency
+ * of one message.
+ */
 async function benchIdle(nats: NatsServer, jsm: JetStreamManager, idleS: number): Promise<Record<string, unknown>> {
   const rigs: Rig[] = [];
+  const baseline = startBareNode();
   try {
-    for (const p of settings.paths) rigs.push(await startRig(p, nats, jsm, `i${p[0]}`));
-    for (const rig of rigs) await transfer(rig, Math.min(settings.warmup, 2_000) || 1, { concurrency: settings.concurrency }, false, 60_000);
+    let jetstreamRigs = 0;
+    for (const p of settings.paths) {
+      const onStream = p === "relay" || p.startsWith("relay@");
+      rigs.push(await startRig(p, nats, jsm, `i${p.replace(/[^A-Za-z0-9]/g, "").slice(0, 20)}`, !onStream || jetstreamRigs++ === 0));
+    }
+    const procs = idleProcs(rigs, nats, baseline.pid);
+    log(`idle ${idleS} s, fresh (relays just started, controllers connected) ...`);
+    const fresh = await sampleIdle(procs, idleS * 1000);
+    const warmup = Math.min(settings.warmup, 2_000) || 1;
+    for (const rig of rigs) await transfer(rig, warmup, { concurrency: settings.concurrency }, false, 60_000);
     const samples: Record<string, number[]> = Object.fromEntries(rigs.map((r) => [r.name, []]));
+    const after: Record<string, IdleReading[]> = {};
     for (let i = 0; i < o.idleSamples; i++) {
-      log(`idle ${idleS} s (sample ${i + 1}/${o.idleSamples}) ...`);
-      await sleep(idleS * 1000);
+      log(`idle ${idleS} s after traffic (sample ${i + 1}/${o.idleSamples}) ...`);
+      const reading = await sampleIdle(procs, idleS * 1000);
+      for (const [k, v] of Object.entries(reading)) (after[k] ??= []).push(v);
       for (const rig of rigs) {
         const { recv } = await transfer(rig, 1, { rate: 1 }, true, 30_000);
         samples[rig.name]!.push(recv.lat![0]!);
@@ -473,11 +569,30 @@ async function benchIdle(nats: NatsServer, jsm: JetStreamManager, idleS: number)
     }
     const out: Record<string, unknown> = { idleSeconds: idleS, samples };
     for (const [k, v] of Object.entries(samples)) out[k] = { median: round2(median(v)), max: round2(Math.max(...v)) };
+    const summary = (rs: IdleReading[]): Record<string, number | number[]> => ({
+      cpuPct: round2(median(rs.map((r) => r.cpuPct))),
+      cpuPctMin: round2(Math.min(...rs.map((r) => r.cpuPct))),
+      cpuPctMax: round2(Math.max(...rs.map((r) => r.cpuPct))),
+      rssMb: round2(median(rs.map((r) => r.rssMb)), 1),
+      rssMaxMb: round2(Math.max(...rs.map((r) => r.rssMaxMb)), 1),
+    });
+    out.resources = {
+      warmupMessages: warmup,
+      fresh,
+      afterTraffic: Object.fromEntries(Object.entries(after).map(([k, rs]) => [k, { ...summary(rs), samples: rs }])),
+    };
+    process.stdout.write(
+      `\nidle cost over ${idleS} s of silence, controllers connected (CPU: utime+stime, % of one core; RSS: VmRSS at the end, and the max):\n` +
+        `  fresh: relays just started; after traffic: ${warmup} messages through each path before the first period` +
+        `${o.idleSamples > 1 ? `, median of ${o.idleSamples} periods (range)` : ""}; baseline: a bare \`node -e\` idling\n` +
+        `${idleTable(fresh, after, procs)}\n`,
+    );
     process.stdout.write(`\nfirst message after ${idleS} s of silence (ms; ${o.idleSamples} sample${o.idleSamples === 1 ? "" : "s"}):\n`);
     for (const [k, v] of Object.entries(samples)) process.stdout.write(`  ${k.padEnd(7)} median ${median(v).toFixed(3)}  max ${Math.max(...v).toFixed(3)}  [${v.map((x) => x.toFixed(2)).join(", ")}]\n`);
     return { idle: out };
   } finally {
     for (const r of rigs) await r.stop();
+    await baseline.stop();
   }
 }
 

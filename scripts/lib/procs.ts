@@ -223,6 +223,27 @@ export async function startRelay(o: RelayStartOptions): Promise<RelayProc> {
   };
 }
 
+// ---- a bare Node process (the idle baseline) ----------------------------------------------------------
+
+export interface BareNode {
+  pid: number;
+  stop(): Promise<void>;
+}
+
+/** `node -e` doing nothing but waiting: what any Node process costs at rest (bench --idle). */
+export function startBareNode(nodeArgs: string[] = []): BareNode {
+  const proc = spawn(process.execPath, [...nodeArgs, "-e", "setInterval(() => {}, 1e9)"], { env: cleanEnv(), stdio: "ignore" });
+  live.add(proc);
+  return {
+    pid: proc.pid!,
+    stop: async () => {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGTERM");
+      await waitExit(proc, 5_000);
+      live.delete(proc);
+    },
+  };
+}
+
 // ---- controller children (scripts/bench-controller.ts) ---------------------------------------------
 
 export interface Child {
