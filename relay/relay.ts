@@ -94,7 +94,7 @@ export class Relay {
       });
       // nats.js's internals only on JetStream: they load nats.js, which the embedded bus never needs.
       const fastPathStates = this.cfg.natsUrls.length > 0 ? (await import("./bus/nats-internals.js")).FAST_PATH_STATES : [];
-      // await: so createBus can load just the configured bus's module (see relay/bus/create.ts).
+      // await: ready for a createBus that loads only the configured bus's module (today it loads both).
       this.bus = await createBus(this.cfg, this.log, {
         settleFailed: (what, err) => {
           this.metrics.settleFailures.inc();
